@@ -1,0 +1,40 @@
+# Every target that runs code depends on `setup`, which (re)builds .venv when it is
+# missing or older than pyproject.toml / this Makefile.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# Prebuild DeepSpeed's CPU shared-memory op so the first training run does not
+	# compile it (~40 s of g++ inside a test otherwise).
+	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PY) -m pip install -q --no-build-isolation \
+	  --no-deps --force-reinstall deepspeed==0.19.8
+	$(PY) -m pip check
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+demo: setup
+	$(PY) jobs/two_stage.py --config configs/demo.yaml
+
+bench: setup
+	$(PY) bench/prepare_bench.py --instances 100000
+	$(PY) bench/stream_bench.py
+
+clean:
+	rm -rf $(VENV) .vlit build *.egg-info platform/*.egg-info

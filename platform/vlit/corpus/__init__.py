@@ -1,0 +1,1 @@
+"""The corpus data plane: ingest, versioning, tasks and templates, sampling, streaming."""

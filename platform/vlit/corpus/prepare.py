@@ -1,0 +1,343 @@
+"""`vlit corpus prepare`: sources → a validated, content-addressed corpus version.
+
+One streaming pass per source file, in bounded chunks:
+  scan (jsonstream, in a background thread) → parse (pyarrow JSON; row-by-row fallback)
+  → normalize (formats) → image checks (once per distinct image) → row keys and
+  duplicates → kept rows to Parquet shards, rejected rows to the quarantine, both into
+  the digest.
+Output goes to OUT/_staging/<run>/ and moves to OUT/<digest>/ when complete;
+manifest.json is written last, so a version without it is never read as finished.
+Preparing the same input again finds the finished version and reuses it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+import pyarrow.parquet as pq
+
+import vlit
+from vlit import storage
+from vlit.config import PrepareConfig
+from vlit.corpus import version as layout
+from vlit.corpus.formats import SOURCE_SCHEMAS, Normalized, coerce, normalize
+from vlit.corpus.images import ImageChecker
+from vlit.corpus.jsonstream import Chunk, JSONStreamError, iter_chunks
+from vlit.corpus.schema import CORPUS_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
+from vlit.digest import TableDigest
+
+SOURCE_SUFFIXES = (".json", ".jsonl")
+_READ_OPTIONS = pj.ReadOptions(block_size=8 * 1024 * 1024)
+
+
+class PrepareError(RuntimeError):
+    """Prepare could not produce a version; the message says which file, row or limit."""
+
+
+def _prefetch(it: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
+    """Run the scanner one chunk ahead in a thread (numpy and I/O release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in it:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    threading.Thread(target=produce, daemon=True, name="vlit-scan").start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _parse(chunk: Chunk, schema: pa.Schema) -> tuple[pa.Table, dict[int, tuple[str, str]]]:
+    """The chunk as a table of `schema`; rows that cannot be read come back as null rows
+    plus {row index: (reason, detail)} so positions stay aligned."""
+    try:
+        table = pj.read_json(
+            io.BytesIO(chunk.ndjson),
+            read_options=_READ_OPTIONS,
+            parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+        )
+        if table.num_rows == chunk.count:
+            return table, {}
+    except pa.ArrowInvalid:
+        pass  # a wrong type or broken row somewhere in the chunk: go row by row
+    rows, bad = [], {}
+    empty = {f.name: None for f in schema}
+    for i, line in enumerate(chunk.ndjson.split(b"\n")):
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            rows.append(empty)
+            bad[i] = ("unparseable", f"invalid JSON: {e}")
+            continue
+        row, why = coerce(obj, schema)
+        if row is None:
+            rows.append(empty)
+            bad[i] = ("unparseable" if not isinstance(obj, dict) else "missing_fields", why)
+        else:
+            rows.append(row)
+    return pa.Table.from_pylist(rows, schema=schema), bad
+
+
+def _row_keys(norm: Normalized) -> np.ndarray:
+    """64-bit row keys from (source id, image reference as written, task)."""
+    t = norm.table
+    frame = pd.DataFrame(
+        {
+            "id": pd.array(t.column("id").combine_chunks(), dtype=pd.ArrowDtype(pa.string())),
+            "image": pd.array(norm.image_ref, dtype=pd.ArrowDtype(pa.string())),
+            "task": pd.array(t.column("task").combine_chunks(), dtype=pd.ArrowDtype(pa.string())),
+        }
+    )
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def _hex(keys: np.ndarray) -> pa.Array:
+    n = len(keys)
+    text = keys.astype(">u8").tobytes().hex().encode()
+    return pa.StringArray.from_buffers(n, pa.py_buffer(np.arange(0, 16 * n + 1, 16, dtype=np.int32)), pa.py_buffer(text))
+
+
+def _counts(column: pa.ChunkedArray) -> dict[str, int]:
+    vc = pc.value_counts(column.combine_chunks())
+    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+
+
+class _ShardWriter:
+    def __init__(self, data_uri: str, shard_rows: int):
+        self.data_uri, self.shard_rows = data_uri, shard_rows
+        self.names: list[str] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._sink = None
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None or self._rows >= self.shard_rows:
+                self._open()
+            take = min(table.num_rows, self.shard_rows - self._rows)
+            self._writer.write_table(table.slice(0, take))
+            self._rows += take
+            table = table.slice(take)
+
+    def _open(self) -> None:
+        self.close()
+        name = f"part-{len(self.names):05d}.parquet"
+        self.names.append(name)
+        fs, path = storage.filesystem(storage.join(self.data_uri, name))
+        if not storage.is_s3(self.data_uri):
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self._sink = fs.open_output_stream(path)
+        self._writer = pq.ParquetWriter(self._sink, CORPUS_SCHEMA, compression="zstd")
+        self._rows = 0
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+
+
+class _Run:
+    """State of one prepare run across all chunks of all sources."""
+
+    def __init__(self, cfg: PrepareConfig, staging: str):
+        self.cfg = cfg
+        self.schema = SOURCE_SCHEMAS[cfg.format]
+        self.shards = _ShardWriter(storage.join(staging, layout.DATA_DIR), cfg.shard_rows)
+        self.quarantine: list[pa.Table] = []
+        self.images = ImageChecker(cfg.image_check, cfg.image_check_threads)
+        self.seen: set[int] = set()
+        self.tasks: Counter = Counter()
+        self.datasets: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.rows = 0
+        self.digest = TableDigest(
+            {"schema_version": SCHEMA_VERSION, "format": cfg.format, "image_check": cfg.image_check}
+        )
+
+    def add(self, chunk: Chunk, source: str, image_root: str) -> None:
+        table, parse_errors = _parse(chunk, self.schema)
+        norm = normalize(table, self.cfg.format, source, chunk.first_position, image_root, self.cfg.default_task)
+        reason, detail = norm.reason, norm.detail
+        for i, (why, text) in parse_errors.items():
+            reason[i], detail[i] = why, text
+        self._check_images(norm)
+        keys = _row_keys(norm)
+        self._check_duplicates(keys, reason)
+        kept = reason == None  # noqa: E711
+        canonical = norm.table.set_column(0, "key", _hex(keys))
+        good = canonical.filter(pa.array(kept)).cast(CORPUS_SCHEMA)
+        self.shards.write(good)
+        self.digest.update(good)
+        self.rows += good.num_rows
+        self.tasks.update(_counts(good.column("task")))
+        self.datasets.update(_counts(good.column("dataset")))
+        if not kept.all():
+            self._quarantine(chunk, source, np.flatnonzero(~kept), reason, detail)
+
+    def _check_images(self, norm: Normalized) -> None:
+        image = norm.table.column("image").combine_chunks()
+        pending = (norm.reason == None) & np.asarray(image.is_valid().to_numpy(zero_copy_only=False))  # noqa: E711
+        if not pending.any():
+            return
+        # Distinct images of this chunk: rows share images, each is checked once per run.
+        encoded = pc.dictionary_encode(image.filter(pa.array(pending)))
+        uniques = encoded.dictionary.to_pylist()
+        results = self.images.check(uniques)
+        per_unique = np.array([results[u] for u in uniques], dtype=object)
+        failed = per_unique[encoded.indices.to_numpy(zero_copy_only=False)]
+        rows = np.flatnonzero(pending)
+        bad = failed != None  # noqa: E711
+        norm.reason[rows[bad]] = failed[bad]
+
+    def _check_duplicates(self, keys: np.ndarray, reason: np.ndarray) -> None:
+        candidates = np.flatnonzero(reason == None)  # noqa: E711 — only rows still kept claim a key
+        seen = self.seen
+        for i, k in zip(candidates.tolist(), keys[candidates].tolist()):
+            if k in seen:
+                reason[i] = "duplicate_key"
+            else:
+                seen.add(k)
+
+    def _quarantine(self, chunk: Chunk, source: str, rows: np.ndarray, reason, detail) -> None:
+        lines = chunk.ndjson.split(b"\n")
+        table = pa.table(
+            {
+                "reason": pa.array(reason[rows].tolist(), pa.string()),
+                "detail": pa.array(detail[rows].tolist(), pa.string()),
+                "source_ref": pa.array([f"{source}#{chunk.first_position + i}" for i in rows.tolist()], pa.string()),
+                "raw": pa.array([lines[i].decode("utf-8", "replace").strip() for i in rows.tolist()], pa.string()),
+            },
+            schema=QUARANTINE_SCHEMA,
+        )
+        self.quarantine.append(table)
+        self.reasons.update(table.column("reason").to_pylist())
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    files: list[str] = []
+    for src in sources:
+        try:
+            found = storage.list_files(src, SOURCE_SUFFIXES)
+        except FileNotFoundError:
+            raise PrepareError(f"source not found: {src}") from None
+        if not found:
+            raise PrepareError(f"no {'/'.join(SOURCE_SUFFIXES)} files under {src}")
+        files.extend(found)
+    return files
+
+
+def _write_quarantine(run: _Run, uri: str) -> pa.Table:
+    table = pa.concat_tables(run.quarantine) if run.quarantine else QUARANTINE_SCHEMA.empty_table()
+    fs, path = storage.filesystem(uri)
+    pq.write_table(table, path, filesystem=fs, compression="zstd")
+    return table
+
+
+def prepare_corpus(cfg: PrepareConfig, out: str) -> dict:
+    """Ingest `cfg.sources` into OUT/<digest>/ and return the summary."""
+    start = time.perf_counter()
+    sources = expand_sources(cfg.sources)
+    staging = storage.join(out, "_staging", uuid.uuid4().hex[:12])
+    run = _Run(cfg, staging)
+    try:
+        for source in sources:
+            root = storage.normalize(cfg.image_root) if cfg.image_root else storage.parent(source)
+            with storage.open_input(source) as f:
+                for chunk in _prefetch(iter_chunks(f, source)):
+                    run.add(chunk, source, root)
+    except JSONStreamError as e:
+        run.shards.close()
+        storage.delete_dir(staging)
+        raise PrepareError(str(e)) from None
+    run.shards.close()
+
+    quarantine = _write_quarantine(run, storage.join(staging, layout.QUARANTINE))
+    run.digest.update(quarantine.rename_columns([f"quarantine.{n}" for n in quarantine.schema.names]))
+    digest = run.digest.hexdigest()
+    total = run.rows + quarantine.num_rows
+    summary = {
+        "digest": digest,
+        "rows": run.rows,
+        "quarantined": quarantine.num_rows,
+        "tasks": len(run.tasks),
+        "reasons": dict(sorted(run.reasons.items())),
+        "format": cfg.format,
+        "sources": sources,
+        "image_checks": {
+            "level": cfg.image_check,
+            "distinct": len(run.images.results),
+            "seconds": round(run.images.seconds, 3),
+            "per_second": round(len(run.images.results) / run.images.seconds, 1) if run.images.seconds else None,
+        },
+    }
+    if total == 0:
+        storage.delete_dir(staging)
+        raise PrepareError(f"no rows in {', '.join(sources)}")
+    bad_fraction = quarantine.num_rows / total
+    if bad_fraction > cfg.max_bad_fraction:
+        summary["status"] = "failed"
+        storage.write_json(storage.join(staging, layout.SUMMARY), summary)
+        top = ", ".join(f"{r}: {n}" for r, n in run.reasons.most_common(5))
+        raise PrepareError(
+            f"{quarantine.num_rows} of {total} rows ({bad_fraction:.1%}) were quarantined, above "
+            f"max_bad_fraction {cfg.max_bad_fraction:.1%} ({top}); nothing was published. "
+            f"Rejected rows with their reasons: {storage.join(staging, layout.QUARANTINE)}"
+        )
+
+    final = storage.join(out, digest)
+    summary["version"] = final
+    if storage.exists(storage.join(final, layout.MANIFEST)):
+        storage.delete_dir(staging)
+        summary["reused"] = True
+    else:
+        storage.delete_dir(final)  # an earlier move that never got its manifest
+        storage.move_dir(staging, final)
+        summary["reused"] = False
+        storage.write_json(storage.join(final, layout.SUMMARY), summary)
+        manifest = {
+            "digest": digest,
+            "schema_version": SCHEMA_VERSION,
+            "rows": run.rows,
+            "quarantined": quarantine.num_rows,
+            "tasks": dict(sorted(run.tasks.items())),
+            "datasets": dict(sorted(run.datasets.items())),
+            "sources": sources,
+            "format": cfg.format,
+            "image_check": cfg.image_check,
+            "shards": run.shards.names,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "vlit_version": vlit.__version__,
+        }
+        storage.write_json(storage.join(final, layout.MANIFEST), manifest)
+    if not storage.is_s3(out):  # S3 has no empty folders to leave behind
+        with contextlib.suppress(OSError):
+            os.rmdir(storage.filesystem(storage.join(out, "_staging"))[1])
+    seconds = time.perf_counter() - start
+    summary["seconds"] = round(seconds, 2)
+    summary["rows_per_second"] = round(total / seconds, 1)
+    return summary

@@ -1,0 +1,1 @@
+"""Models for vision-language instruction tuning: tokenizers, processors, tiny LLaVA."""

@@ -1,0 +1,210 @@
+"""URIs to filesystems: plain paths, file:// and s3:// through one helper.
+
+Credentials never pass through here as arguments or config: pyarrow reads the standard
+AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, profiles) itself,
+so nothing we log or track can contain them. The endpoint of an S3-compatible store comes
+from `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`), or from `storage.endpoint_url` in config.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import IO, Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+# Retry and time-out settings for object storage live here and nowhere else.
+S3_RETRY_ATTEMPTS = 8
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_REQUEST_TIMEOUT_S = 60.0
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    return pafs.S3FileSystem(
+        region=region,
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        request_timeout=S3_REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
+        **kwargs,
+    )
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for `uri` and the path inside it."""
+    if is_s3(uri):
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _s3(_endpoint(), region), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def normalize(uri: str) -> str:
+    """Canonical spelling of a URI: s3:// kept, local paths made absolute."""
+    if is_s3(uri):
+        return "s3://" + uri[len("s3://"):].rstrip("/")
+    return filesystem(uri)[1]
+
+
+def join(uri: str, *parts: str) -> str:
+    base = normalize(uri)
+    for part in parts:
+        base = base.rstrip("/") + "/" + part.lstrip("/")
+    return base
+
+
+def parent(uri: str) -> str:
+    uri = normalize(uri)
+    head, _, _ = uri.rpartition("/")
+    return head if head not in ("", "s3:/") else uri
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+
+
+@contextlib.contextmanager
+def open_input(uri: str) -> Iterator[IO[bytes]]:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def open_output(uri: str) -> Iterator[IO[bytes]]:
+    fs, path = filesystem(uri)
+    if not is_s3(uri):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        yield f
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_input(uri) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with open_output(uri) as f:
+        f.write(data)
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """Files under `uri` (recursively), as sorted URIs; `uri` itself if it is a file."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    prefix = "s3://" if is_s3(uri) else ""
+    if info.type == pafs.FileType.File:
+        return [prefix + path]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or directory: {uri}")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = [
+        prefix + i.path
+        for i in infos
+        if i.type == pafs.FileType.File and (suffixes is None or i.path.lower().endswith(suffixes))
+    ]
+    return sorted(files)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def move_dir(src: str, dst: str) -> None:
+    """Move a directory tree. Local: one atomic rename. S3: server-side copies, then delete."""
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    if not is_s3(src):
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        os.replace(src_path, dst_path)
+        return
+    for info in fs.get_file_info(pafs.FileSelector(src_path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            fs.copy_file(info.path, dst_path + info.path[len(src_path):])
+    fs.delete_dir(src_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalS3:
+    """A real S3 endpoint (moto's server) on 127.0.0.1, for tests and the embedded demo.
+
+    Sets the standard AWS variables for this process (and so for the Ray workers it
+    starts), creates the buckets, and restores the environment on exit.
+    """
+
+    buckets: tuple[str, ...] = ("vlit",)
+    port: int = 0
+
+    def __enter__(self) -> "LocalS3":
+        from moto.server import ThreadedMotoServer
+
+        self.port = self.port or _free_port()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "vlit-local"),
+            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "vlit-local-secret"),
+            "AWS_REGION": "us-east-1",
+        }
+        self._saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        _s3.cache_clear()
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        for bucket in self.buckets:
+            client.create_bucket(Bucket=bucket)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.stop()
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _s3.cache_clear()
