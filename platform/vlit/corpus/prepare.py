@@ -230,12 +230,21 @@ class _Run:
                 "reason": pa.array(reason[rows].tolist(), pa.string()),
                 "detail": pa.array(detail[rows].tolist(), pa.string()),
                 "source_ref": pa.array([f"{source}#{chunk.first_position + i}" for i in rows.tolist()], pa.string()),
-                "raw": pa.array([lines[i].decode("utf-8", "replace").strip() for i in rows.tolist()], pa.string()),
+                "raw": pa.array([_canonical_raw(lines[i]) for i in rows.tolist()], pa.string()),
             },
             schema=QUARANTINE_SCHEMA,
         )
         self.quarantine.append(table)
         self.reasons.update(table.column("reason").to_pylist())
+
+
+def _canonical_raw(line: bytes) -> str:
+    """The rejected row as compact JSON (so the source's whitespace is not content),
+    or its text as it was when it does not parse."""
+    try:
+        return json.dumps(json.loads(line), ensure_ascii=False, separators=(",", ":"))
+    except ValueError:
+        return line.decode("utf-8", "replace").strip()
 
 
 def expand_sources(sources: list[str]) -> list[str]:

@@ -12,7 +12,6 @@ stops the run: it leaves the stream and lands in a quarantine part file.
 """
 from __future__ import annotations
 
-import io
 import json
 import uuid
 
@@ -26,6 +25,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from vlit import storage
 from vlit.config import CorpusConfig
+from vlit.corpus.images import decode_image, read_image_bytes
 from vlit.corpus.sampling import SamplingPlan
 from vlit.corpus.schema import QUARANTINE_SCHEMA
 from vlit.corpus.tasks import TemplateSet, load_templates
@@ -33,13 +33,12 @@ from vlit.corpus.tasks import TemplateSet, load_templates
 STREAM_QUARANTINE = "stream_quarantine"
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 RGB array (size, size, 3). Raises on bad data."""
-    with Image.open(io.BytesIO(data)) as image:
-        # JPEG: decode straight at the smallest DCT scale still >= size (several
-        # times faster on large photos, same result after the resize).
-        image.draft("RGB", (size, size))
-        rgb = image.convert("RGB")  # forces the full decode: truncated data raises here
+def load_pixels(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 RGB array (size, size, 3). Raises on bad data.
+
+    Decoding is `images.decode_image`, the same code that ingest's `decode` check runs.
+    """
+    rgb = decode_image(data)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(rgb)
@@ -80,12 +79,12 @@ class _DecodeImages:
             if uri is None:
                 continue
             try:
-                data = storage.read_bytes(uri)
+                data = read_image_bytes(uri)
             except OSError as e:  # FileNotFoundError, or a store that refuses the object
                 failures.append((row, "image_missing", f"{uri}: {type(e).__name__}: {e}"))
                 continue
             try:
-                pixels[row] = decode_image(data, size)
+                pixels[row] = load_pixels(data, size)
                 has_image[row] = True
             except Exception as e:  # noqa: BLE001 - any decoder error means undecodable bytes
                 failures.append((row, "image_undecodable", f"{uri}: {type(e).__name__}: {e}"))

@@ -38,9 +38,10 @@ import io
 import json
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import yaml
@@ -81,6 +82,7 @@ RADIUS = {"small": 0.25, "large": 0.45}  # half the shape's extent, in cell widt
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 ZIPF_EXPONENT = 1.0
 BLOCK_ROWS = 8192  # rows per write: a few MB of JSON
+IMAGE_WRITERS = 16  # concurrent image writes
 
 # Instruction templates: an intro, a hint matching the answer format, and a layout.
 # Intros name no colour, shape kind or position, so the question alone says what is asked.
@@ -403,7 +405,8 @@ def family_of(task_name: str) -> Family:
 
 def _templates(hint_kind: str, choice: bool, n: int, rng: random.Random) -> tuple[str, ...]:
     layouts = CHOICE_LAYOUTS if choice else LAYOUTS
-    combos = [(i, h, l) for i in INTROS for h in HINTS[hint_kind] for l in layouts]
+    combos = [(intro, hint, layout) for intro in INTROS for hint in HINTS[hint_kind]
+              for layout in layouts]
     if n > len(combos):
         raise ValueError(f"templates_per_task={n}: at most {len(combos)} distinct templates")
     return tuple(
@@ -441,7 +444,8 @@ def task_sizes(instances: int, tasks: int, seed: int) -> list[int]:
     floor = 1 if instances >= tasks else 0
     quota = weights / weights.sum() * (instances - floor * tasks)
     sizes = np.floor(quota).astype(np.int64)
-    # Largest remainders take the rows that flooring left over; a stable sort keeps ties seeded.
+    # Largest remainders take the rows that flooring left over; a stable sort breaks ties
+    # by task index, so the sizes depend on the seed alone.
     leftover = instances - floor * tasks - int(sizes.sum())
     sizes[np.argsort(-(quota - sizes), kind="stable")[:leftover]] += 1
     return (sizes + floor).tolist()
@@ -454,9 +458,13 @@ def _image_name(index: int) -> str:
 
 def _write_images(out: str, scenes: list[Scene], image_size: int) -> None:
     storage.makedirs(storage.join(out, "images"))
-    for index, scene in enumerate(scenes):
-        storage.write_bytes(storage.join(out, "images", _image_name(index)),
-                            _png(render_scene(scene, image_size)))
+    # One object-store PUT per image costs latency, not bandwidth: overlap the writes.
+    # Rendering stays on this thread (the font object is shared); PNGs are ~1 KB each.
+    pngs = ((storage.join(out, "images", _image_name(i)), _png(render_scene(scene, image_size)))
+            for i, scene in enumerate(scenes))
+    with ThreadPoolExecutor(IMAGE_WRITERS) as pool:
+        for _ in pool.map(lambda item: storage.write_bytes(*item), pngs):
+            pass
 
 
 def _fact_table(seed: int, scenes: list[Scene]) -> dict[str, list[list[Fact]]]:
@@ -469,7 +477,7 @@ def _fact_table(seed: int, scenes: list[Scene]) -> dict[str, list[list[Fact]]]:
 
 
 def _blocks(tasks: list[Task], sizes: list[int], facts: dict[str, list[list[Fact]]],
-            seed: int):
+            seed: int) -> Iterator[str]:
     """The annotation rows, as blocks of JSON text (one string per block)."""
     rng = np.random.default_rng(_derive(seed, "rows"))
     # Shuffled task order, so the file interleaves tasks like the release does.
@@ -506,7 +514,7 @@ def _blocks(tasks: list[Task], sizes: list[int], facts: dict[str, list[list[Fact
         yield ",\n".join(rows)
 
 
-def _write_annotation(uri: str, blocks) -> None:
+def _write_annotation(uri: str, blocks: Iterable[str]) -> None:
     with storage.open_output(uri) as f:
         f.write(b"[\n")
         for i, block in enumerate(blocks):

@@ -65,3 +65,7 @@ class CorpusVersion:
             fs, path = storage.filesystem(uri)
             tables.append(pq.read_table(path, filesystem=fs, columns=columns))
         return pa.concat_tables(tables)
+
+    def read_quarantine(self) -> pa.Table:
+        fs, path = storage.filesystem(self.quarantine_uri)
+        return pq.read_table(path, filesystem=fs)
