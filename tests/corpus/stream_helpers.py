@@ -8,6 +8,7 @@ from vlit.config import PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
 from vlit.corpus.synth import synth_corpus
 from vlit.corpus.version import CorpusVersion
+from vlit.model.tokenizer import build_tiny_tokenizer
 
 
 def synth_version(out: str, instances: int = 120, tasks: int = 6, image_pool: int = 12,
@@ -31,3 +32,16 @@ def record_keys_loop(config: dict) -> None:
     with open(os.path.join(config["out"], f"rank-{rank}.json"), "w") as f:
         json.dump({"keys": keys, "shapes": sorted(shapes)}, f)
     ray.train.report({"rows": len(keys)})
+
+
+class Tokenize:
+    """A stateful transform (one tokenizer per actor), as the model's processor will be."""
+
+    def __init__(self):
+        self.tokenizer = build_tiny_tokenizer()
+
+    def __call__(self, batch: dict) -> dict:
+        prompts = [turns[0]["content"] for turns in batch["turns"]]
+        # A fixed length, so batches re-cut by the consumer still stack into one array.
+        ids = self.tokenizer(prompts, padding="max_length", max_length=96, truncation=True, return_tensors="np")["input_ids"]
+        return {"key": batch["key"], "input_ids": ids, "pixels": batch["pixels"]}

@@ -95,6 +95,11 @@ def _np_bool(arr) -> np.ndarray:
     return np.asarray(arr.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
+def _has_text(values: pa.Array) -> pa.Array:
+    """Non-empty and not only whitespace (without making trimmed copies of the text)."""
+    return pc.and_(pc.greater(pc.binary_length(values), 0), pc.invert(pc.utf8_is_space(values)))
+
+
 def _escapes(ref: pa.Array) -> np.ndarray:
     """Image references that would leave the image root: absolute, `..`, or a scheme."""
     bad = pc.or_(
@@ -115,7 +120,7 @@ def _turns_from_conversations(conv: pa.Array, n: int):
     bad_turn = _per_row(_np_bool(pc.or_(pc.is_null(role), pc.is_null(value))), parents, n)
     is_user = _np_bool(pc.equal(role, "user"))
     is_asst = _np_bool(pc.equal(role, "assistant"))
-    nonempty = _np_bool(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(value)), 0))
+    nonempty = _np_bool(_has_text(value))
     has_reply = _per_row(is_asst & nonempty, parents, n)
     has_token = _per_row(is_user & _np_bool(pc.match_substring(value, IMAGE_TOKEN)), parents, n)
     return turns, lengths, bad_turn, has_reply, has_token
@@ -128,8 +133,8 @@ def _turns_from_raw(instruction: pa.Array, output: pa.Array, has_image: np.ndarr
     roles = pa.array(np.tile(np.array(["user", "assistant"], dtype=object), n), pa.string())
     offsets = pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32))
     turns = pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays([roles, values], fields=list(TURN)))
-    has_reply = _np_bool(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(output)), 0))
-    has_instruction = _np_bool(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(instruction)), 0))
+    has_reply = _np_bool(_has_text(output))
+    has_instruction = _np_bool(_has_text(instruction))
     return turns, has_reply & has_instruction
 
 

@@ -16,13 +16,10 @@ import datetime as dt
 import io
 import json
 import os
-import queue
-import threading
 import time
 import uuid
 from collections import Counter
-from typing import Iterator
-
+from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -36,7 +33,7 @@ from vlit.config import PrepareConfig
 from vlit.corpus import version as layout
 from vlit.corpus.formats import SOURCE_SCHEMAS, Normalized, coerce, normalize
 from vlit.corpus.images import ImageChecker
-from vlit.corpus.jsonstream import Chunk, JSONStreamError, iter_chunks
+from vlit.corpus.jsonstream import Chunk, ChunkReader, JSONStreamError
 from vlit.corpus.schema import CORPUS_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from vlit.digest import TableDigest
 
@@ -48,42 +45,22 @@ class PrepareError(RuntimeError):
     """Prepare could not produce a version; the message says which file, row or limit."""
 
 
-def _prefetch(it: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
-    """Run the scanner one chunk ahead in a thread (numpy and I/O release the GIL)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in it:
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # re-raised in the consumer
-            q.put(e)
-
-    threading.Thread(target=produce, daemon=True, name="vlit-scan").start()
-    while True:
-        item = q.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
-def _parse(chunk: Chunk, schema: pa.Schema) -> tuple[pa.Table, dict[int, tuple[str, str]]]:
-    """The chunk as a table of `schema`; rows that cannot be read come back as null rows
-    plus {row index: (reason, detail)} so positions stay aligned."""
+def _read_json(chunk: Chunk, schema: pa.Schema) -> pa.Table | None:
+    """The chunk parsed by pyarrow's multithreaded reader, or None if any line fails."""
     try:
         table = pj.read_json(
             io.BytesIO(chunk.ndjson),
             read_options=_READ_OPTIONS,
             parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
         )
-        if table.num_rows == chunk.count:
-            return table, {}
     except pa.ArrowInvalid:
-        pass  # a wrong type or broken row somewhere in the chunk: go row by row
+        return None
+    return table if table.num_rows == chunk.count else None
+
+
+def _parse_rows(chunk: Chunk, schema: pa.Schema) -> tuple[pa.Table, dict[int, tuple[str, str]]]:
+    """Row by row, for a chunk pyarrow rejected: rows that cannot be read come back as null
+    rows plus {row index: (reason, detail)}, so positions stay aligned."""
     rows, bad = [], {}
     empty = {f.name: None for f in schema}
     for i, line in enumerate(chunk.ndjson.split(b"\n")):
@@ -178,9 +155,31 @@ class _Run:
         self.digest = TableDigest(
             {"schema_version": SCHEMA_VERSION, "format": cfg.format, "image_check": cfg.image_check}
         )
+        # Parquet encoding and hashing release the GIL: they run for chunk k while chunk
+        # k+1 is parsed. One write in flight keeps the order and bounds memory.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="vlit-write")
+        self._pending: Future | None = None
 
-    def add(self, chunk: Chunk, source: str, image_root: str) -> None:
-        table, parse_errors = _parse(chunk, self.schema)
+    def _write(self, good: pa.Table) -> None:
+        self.shards.write(good)
+        self.digest.update(good)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._writer.shutdown()
+            self.shards.close()
+
+    def add(self, chunk: Chunk, table: pa.Table | None, source: str, image_root: str) -> None:
+        parse_errors: dict[int, tuple[str, str]] = {}
+        if table is None:
+            table, parse_errors = _parse_rows(chunk, self.schema)
         norm = normalize(table, self.cfg.format, source, chunk.first_position, image_root, self.cfg.default_task)
         reason, detail = norm.reason, norm.detail
         for i, (why, text) in parse_errors.items():
@@ -191,8 +190,8 @@ class _Run:
         kept = reason == None  # noqa: E711
         canonical = norm.table.set_column(0, "key", _hex(keys))
         good = canonical.filter(pa.array(kept)).cast(CORPUS_SCHEMA)
-        self.shards.write(good)
-        self.digest.update(good)
+        self.flush()
+        self._pending = self._writer.submit(self._write, good)
         self.rows += good.num_rows
         self.tasks.update(_counts(good.column("task")))
         self.datasets.update(_counts(good.column("dataset")))
@@ -216,12 +215,17 @@ class _Run:
 
     def _check_duplicates(self, keys: np.ndarray, reason: np.ndarray) -> None:
         candidates = np.flatnonzero(reason == None)  # noqa: E711 — only rows still kept claim a key
-        seen = self.seen
-        for i, k in zip(candidates.tolist(), keys[candidates].tolist()):
-            if k in seen:
-                reason[i] = "duplicate_key"
-            else:
-                seen.add(k)
+        chunk_keys = keys[candidates]
+        unique, first = np.unique(chunk_keys, return_index=True)
+        clash = self.seen.intersection(unique.tolist())
+        if len(unique) < len(chunk_keys) or clash:
+            # Rare: mark every occurrence after the first (in this chunk or earlier).
+            repeat = np.ones(len(chunk_keys), dtype=bool)
+            repeat[first] = False
+            if clash:
+                repeat |= np.isin(chunk_keys, np.fromiter(clash, dtype=np.uint64, count=len(clash)))
+            reason[candidates[repeat]] = "duplicate_key"
+        self.seen.update(unique.tolist())
 
     def _quarantine(self, chunk: Chunk, source: str, rows: np.ndarray, reason, detail) -> None:
         lines = chunk.ndjson.split(b"\n")
@@ -277,13 +281,18 @@ def prepare_corpus(cfg: PrepareConfig, out: str) -> dict:
         for source in sources:
             root = storage.normalize(cfg.image_root) if cfg.image_root else storage.parent(source)
             with storage.open_input(source) as f:
-                for chunk in _prefetch(iter_chunks(f, source)):
-                    run.add(chunk, source, root)
+                reader = ChunkReader(f, source)
+                for chunk in reader:
+                    table = _read_json(chunk, run.schema)
+                    if table is None and not chunk.exact:
+                        reader.reject()  # a wrong fast split: redo this chunk exactly
+                        continue
+                    run.add(chunk, table, source, root)
     except JSONStreamError as e:
-        run.shards.close()
+        run.close()
         storage.delete_dir(staging)
         raise PrepareError(str(e)) from None
-    run.shards.close()
+    run.close()
 
     quarantine = _write_quarantine(run, storage.join(staging, layout.QUARANTINE))
     run.digest.update(quarantine.rename_columns([f"quarantine.{n}" for n in quarantine.schema.names]))
