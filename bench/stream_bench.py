@@ -90,6 +90,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=128, help="stored image side (px)")
     p.add_argument("--resize", type=int, default=224, help="stream image side (px)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--block-rows", type=int, default=256, help="rows per Ray decode block")
     p.add_argument("--workers", type=int, default=2, help="decode_concurrency = DataLoader num_workers")
     p.add_argument("--warmup", type=int, default=2000, help="rows excluded from timing")
     p.add_argument("--prefetch", type=int, default=4, help="batches the Ray consumer prefetches")
@@ -106,7 +107,7 @@ def main() -> None:
 
     init_ray(RayConfig(), workdir=work)
     cfg = CorpusConfig(out=version.uri, stream={"image_size": args.resize, "batch_size": args.batch_size,
-                                                "decode_concurrency": args.workers})
+                                                "block_rows": args.block_rows, "decode_concurrency": args.workers})
     ds = build_stream(version, cfg, transform=Tokenize)
     batches = ds.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=args.prefetch)
     ray_rate, ray_rows = consume(batches, args.warmup)

@@ -35,8 +35,9 @@ def s3():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """An embedded Ray with more logical CPUs than cores (see vlit.runtime)."""
+def ray_local(s3):
+    """An embedded Ray with more logical CPUs than cores (see vlit.runtime). Started after
+    the S3 endpoint, because Ray workers see the environment of the moment Ray starts."""
     import shutil
     import tempfile
 

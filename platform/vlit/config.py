@@ -83,7 +83,11 @@ class TasksConfig(_Strict):
 
 class StreamConfig(_Strict):
     image_size: int = Field(default=336, ge=8)
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1)  # rows per batch handed to the consumer
+    # Rows per decode block (one Ray task's unit of work). Larger blocks amortize Ray's
+    # per-task overhead (64 -> 256 rows measured ~1.4x faster); each block holds
+    # block_rows * image_size^2 * 3 bytes of pixels.
+    block_rows: int = Field(default=256, ge=1)
     # Parallel image-decode tasks; bounded so a 2-core machine keeps a CPU for the consumer.
     decode_concurrency: int = Field(default=2, ge=1)
     # Rows whose image fails to decode while streaming go here (default: under the corpus).

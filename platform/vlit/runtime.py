@@ -28,6 +28,8 @@ def init_ray(cfg: RayConfig, workdir: str = ".vlit") -> None:
             num_cpus=cfg.num_cpus or max(4, 2 * cores),
             object_store_memory=cfg.object_store_mb * 1024 * 1024,
             include_dashboard=cfg.include_dashboard,
+            # An embedded cluster talks to itself only: keep every Ray service on loopback.
+            _node_ip_address="127.0.0.1",
             _temp_dir=temp,
             log_to_driver=True,
         )

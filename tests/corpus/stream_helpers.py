@@ -43,5 +43,5 @@ class Tokenize:
     def __call__(self, batch: dict) -> dict:
         prompts = [turns[0]["content"] for turns in batch["turns"]]
         # A fixed length, so batches re-cut by the consumer still stack into one array.
-        ids = self.tokenizer(prompts, padding="max_length", max_length=96, truncation=True, return_tensors="np")["input_ids"]
+        ids = self.tokenizer(prompts, padding="max_length", max_length=384, truncation=True, return_tensors="np")["input_ids"]
         return {"key": batch["key"], "input_ids": ids, "pixels": batch["pixels"]}

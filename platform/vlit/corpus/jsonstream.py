@@ -16,7 +16,7 @@ from typing import IO, Iterator
 
 import numpy as np
 
-CHUNK_BYTES = 32 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
 
 _NL, _CR, _SPACE = 0x0A, 0x0D, 0x20
 # One byte-to-class table: every byte that matters for splitting maps to a non-zero

@@ -2,7 +2,7 @@
 
     read_parquet(shards)                      streaming, one read task per file fragment
       -> sample + render templates            cheap Arrow work, fused into the read tasks
-      -> repartition(batch_size rows/block)   streaming: gives the decode stage parallelism
+      -> repartition(block_rows rows/block)   streaming: gives the decode stage parallelism
       -> fetch + decode + resize (+ transform) `decode_concurrency` workers
       -> TorchTrainer(datasets={"train": ds}) / ray.train.get_dataset_shard("train")
 
@@ -150,6 +150,6 @@ def build_stream(version, cfg: CorpusConfig, epoch: int = 0, transform=None) -> 
         .map_batches(_SampleAndRender(plan, templates, tasks.seed, epoch), batch_format="pyarrow", batch_size=None)
         # A shard is one file of up to 200k rows: without this, one decode task would
         # get the whole file and the other workers nothing.
-        .repartition(target_num_rows_per_block=stream.batch_size)
-        .map_batches(decode_fn, batch_format="pyarrow", batch_size=stream.batch_size, **kwargs)
+        .repartition(target_num_rows_per_block=stream.block_rows)
+        .map_batches(decode_fn, batch_format="pyarrow", batch_size=stream.block_rows, **kwargs)
     )

@@ -86,15 +86,25 @@ IMAGE_WRITERS = 16  # concurrent image writes
 
 # Instruction templates: an intro, a hint matching the answer format, and a layout.
 # Intros name no colour, shape kind or position, so the question alone says what is asked.
+# Expert-style task definitions, as long as Vision-Flan's (its rows average ~610 bytes,
+# its instructions ~260 characters), so a full-size synthetic release is about 1 GB.
 INTROS = (
-    "Look at the image and answer the question.",
-    "Answer the question about the picture.",
-    "You are given a synthetic image of simple figures. Answer the question below.",
-    "Examine the image carefully.",
-    "Here is a drawing of coloured figures.",
-    "Study the drawing and respond to the query.",
-    "Based on the image, answer the following.",
-    "Inspect the scene and reply.",
+    "You are given a synthetic image made of simple flat figures drawn on a plain background. "
+    "Look at the whole image carefully before you answer, and answer the question that follows.",
+    "The picture below is a small drawing of geometric figures in solid colours. Each figure sits "
+    "in its own part of the canvas. Read the question and answer it using only what is visible.",
+    "In this task you will see an image of coloured figures and a question about them. Base your "
+    "answer strictly on the image; do not guess beyond what can be seen in the drawing.",
+    "Examine the image carefully. It contains one or more simple figures, and possibly a short word "
+    "written in black letters. Then respond to the query below as precisely as you can.",
+    "Here is a drawing of coloured figures arranged on a three-by-three grid. Inspect where each "
+    "figure is, what shape and colour it has and how large it is, and answer the question.",
+    "Study the drawing and respond to the query. The image was generated from a known scene "
+    "description, so every question has exactly one correct answer that the image supports.",
+    "Based on the image, answer the following. Pay attention to the colours, the kinds of figures, "
+    "their sizes and their positions, since the question may ask about any of these properties.",
+    "Inspect the scene and reply. You will be shown a simple synthetic picture; identify the "
+    "relevant figure or text in it first, and then give the answer in the requested format.",
 )
 HINTS = {
     "word": ("Answer with one word.", "Reply with a single word."),
