@@ -10,7 +10,7 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -102,11 +102,74 @@ class CorpusConfig(_Strict):
     stream: StreamConfig = Field(default_factory=StreamConfig)
 
 
+class ModelConfig(_Strict):
+    """A LLaVA-architecture model: `preset: tiny` builds one from config (CPU tests, the
+    demo); `path` loads real weights in Hugging Face format from a folder or s3:// URI."""
+
+    preset: Literal["tiny"] | None = "tiny"
+    path: str | None = None
+    template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
+    max_len: int = Field(default=512, ge=16)
+    vision_feature_layer: int = -2
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("set exactly one of model.preset and model.path")
+        return self
+
+
+class LossConfig(_Strict):
+    # response: only assistant turns are supervised. l2t: instruction tokens too, except
+    # the system prompt, role tags and task-template text (L2T).
+    target: Literal["response", "l2t"] = "response"
+    # A sentence is task-template text when it appears in at least this fraction of a
+    # task's rows (and the task has at least template_min_rows rows).
+    template_min_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    template_min_rows: int = Field(default=4, ge=2)
+
+
+class LoraConfig(_Strict):
+    enabled: bool = False
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainConfig(_Strict):
+    output: str  # checkpoints and the stage's HF export: OUTPUT/checkpoints, OUTPUT/export
+    init_from: str | None = None  # an earlier stage's export (stage 2 starts from stage 1's)
+    trainable: list[Literal["vision", "projector", "llm"]] = Field(default_factory=lambda: ["projector", "llm"])
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    zero_stage: Literal[0, 1, 2, 3] = 2  # configs/deepspeed/zero{N}.json
+    lr: float = Field(default=2e-5, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0)
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    micro_batch_size: int = Field(default=4, ge=1)  # packed sequences (or rows) per worker step
+    grad_accum: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = False
+    packing: bool = True
+    group_by_modality_length: bool = True
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    checkpoint_every: int = Field(default=50, ge=1)  # steps
+    max_failures: int = Field(default=1, ge=0)
+    seed: int = 0
+
+
 class Config(_Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     corpus: CorpusConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig | None = None  # absent: the job prepares and streams data only
 
 
 def _format_errors(err: ValidationError) -> str:
