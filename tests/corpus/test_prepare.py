@@ -229,3 +229,30 @@ def test_cli_prepare(sample_dir, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 1 and "source not found" in bad.stderr
+
+
+def test_many_sources_and_jsonl(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    for name in ("a", "b"):
+        lines = [json.dumps({"id": f"{name}{i}", "image": "x.png", "task_name": f"ds+{name}",
+                             "conversations": _turns("<image>\nQ", "A")}) for i in range(3)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    summary = _prepare(str(tmp_path), str(tmp_path / "out"), format="vision-flan")
+    assert summary["rows"] == 6 and summary["tasks"] == 2 and len(summary["sources"]) == 2
+    assert summary["image_checks"]["distinct"] == 1  # one image, checked once for six rows
+    table = CorpusVersion.open(summary["version"]).read_table()
+    assert sorted(set(table.column("source").to_pylist())) == summary["sources"]
+    assert table.column("position").to_pylist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_secrets_stay_out_of_outputs(s3, sample_on_s3):
+    import os
+
+    secret, key_id = os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]
+    summary = _prepare(f"{sample_on_s3}/annotation.json", "s3://vlit-test/corpora/secrets", format="vision-flan")
+    assert summary["image_checks"]["distinct"] == 205
+    version = CorpusVersion.open(summary["version"])
+    texts = [json.dumps(summary), storage.read_bytes(storage.join(version.uri, "manifest.json")).decode(),
+             storage.read_bytes(storage.join(version.uri, "summary.json")).decode(),
+             json.dumps(version.read_quarantine().to_pylist())]
+    assert not any(secret in t or key_id in t for t in texts)
