@@ -35,6 +35,7 @@ demo: setup
 bench: setup
 	$(PY) bench/prepare_bench.py --instances 100000
 	$(PY) bench/stream_bench.py
+	$(PY) bench/sft_bench.py
 
 clean:
 	rm -rf $(VENV) .vlit build *.egg-info platform/*.egg-info

@@ -19,6 +19,22 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def job_main(name: str, description: str, stage) -> int:
+    """The body of every jobs/*.py entry point: `--config FILE [key.path=value ...]`, a config
+    error exits 2 naming the key, and the stage's summary is printed as JSON."""
+    parser = argparse.ArgumentParser(prog=name, description=description)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key.path=value")
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(stage(cfg), indent=2, default=str))
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from vlit.corpus.prepare import PrepareError, prepare_corpus
 

@@ -73,11 +73,28 @@ def stream_stage(cfg: Config, version: CorpusVersion, epoch: int = 0) -> dict:
     return result
 
 
-def run(cfg: Config) -> dict:
+def corpus_stage(cfg: Config) -> CorpusVersion:
+    """The config's corpus version: synthesized (when asked) and prepared, or reused."""
     sources = synth_stage(cfg) if cfg.corpus.synth else list(cfg.corpus.prepare.sources)
     if not sources:
         raise SystemExit("config error: corpus.prepare.sources is empty and corpus.synth is not set")
-    version = prepare_stage(cfg, sources)
+    return prepare_stage(cfg, sources)
+
+
+def sft_stage(cfg: Config) -> dict:
+    """One SFT stage (`train.*`) on the config's corpus, exported to <train.output>/export."""
+    from vlit.train.sft import run_sft
+
+    if cfg.train is None:
+        raise SystemExit("config error: train is not set (an SFT stage needs a train section)")
+    result = run_sft(cfg, corpus_stage(cfg))
+    _say("sft", f"{result['steps']} steps, final loss {result['loss']:.4f}, {result['tokens_per_s']:.0f} tokens/s "
+                f"-> {result['export']}")
+    return result
+
+
+def run(cfg: Config) -> dict:
+    version = corpus_stage(cfg)
     stream = stream_stage(cfg, version)
     _say("done", "stages built so far: synth, prepare, stream. Training stages are not part of this job yet.")
     return {"corpus": version.uri, "digest": version.digest, "stream": stream}

@@ -59,4 +59,10 @@ REASONS = (
     "image_undecodable",
     "image_path_escapes_root",
     "duplicate_key",
+    # Found while encoding rows for training (vlit.model.labels):
+    "bad_turns",              # roles out of order for the chat template
+    "multiple_image_tokens",  # more <image> tokens than the row has images
+    "tokenization_mismatch",  # per-turn and whole-conversation tokenization disagree
+    "too_long",               # longer than model.max_len after image-token expansion
+    "no_supervised_tokens",   # the label mask would supervise nothing
 )

@@ -12,6 +12,7 @@ stops the run: it leaves the stream and lands in a quarantine part file.
 """
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 
@@ -68,7 +69,7 @@ class _DecodeImages:
     def __init__(self, image_size: int, quarantine: str, epoch: int, transform=None):
         self.size, self.quarantine, self.epoch = image_size, quarantine, epoch
         # A class is instantiated once per actor (e.g. to load a processor once).
-        self.transform = transform() if isinstance(transform, type) else transform
+        self.transform = transform() if _is_stateful(transform) else transform
 
     def __call__(self, table: pa.Table):
         size = self.size
@@ -102,22 +103,49 @@ class _DecodeImages:
 
     def _quarantine(self, table: pa.Table, failures) -> None:
         rows = table.take([row for row, _, _ in failures]).to_pylist()
-        out = pa.Table.from_pylist(
-            [
-                {
-                    "reason": reason,
-                    "detail": detail,
-                    "source_ref": f"{r['source']}#{r['position']}",
-                    "raw": json.dumps(r, sort_keys=True, default=str),
-                }
-                for r, (_, reason, detail) in zip(rows, failures)
-            ],
-            schema=QUARANTINE_SCHEMA,
-        )
-        # One small file per failing batch; a unique name, since workers write in parallel.
-        name = f"epoch-{self.epoch:04d}-{uuid.uuid4().hex}.parquet"
-        with storage.open_output(storage.join(self.quarantine, name)) as f:
-            pq.write_table(out, f)
+        write_quarantine(self.quarantine, self.epoch, rows, [(reason, detail) for _, reason, detail in failures])
+
+
+def write_quarantine(uri: str, epoch: int, rows: list[dict], failures: list[tuple[str, str]]) -> None:
+    """Write rejected canonical rows (with their (reason, detail)) as one quarantine part
+    file under `uri`: the one format for every stage of the stream that drops rows."""
+    out = pa.Table.from_pylist(
+        [
+            {
+                "reason": reason,
+                "detail": detail,
+                "source_ref": f"{r['source']}#{r['position']}",
+                "raw": json.dumps(r, sort_keys=True, default=_jsonable),
+            }
+            for r, (reason, detail) in zip(rows, failures)
+        ],
+        schema=QUARANTINE_SCHEMA,
+    )
+    # One small file per failing batch; a unique name, since workers write in parallel.
+    name = f"epoch-{epoch:04d}-{uuid.uuid4().hex}.parquet"
+    with storage.open_output(storage.join(uri, name)) as f:
+        pq.write_table(out, f)
+
+
+def _jsonable(value):
+    # Rows from a numpy batch hold numpy arrays and scalars where Arrow rows hold lists.
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def quarantine_uri(version, cfg: CorpusConfig) -> str:
+    """Where the stream of `version` quarantines rows (images that fail, rows a transform rejects)."""
+    return cfg.stream.quarantine or storage.join(version.uri, STREAM_QUARANTINE)
+
+
+def _is_stateful(transform) -> bool:
+    """A class, or a `functools.partial` of one: built once per actor, with its arguments."""
+    return isinstance(transform, type) or (
+        isinstance(transform, functools.partial) and isinstance(transform.func, type)
+    )
 
 
 def build_stream(version, cfg: CorpusConfig, epoch: int = 0, transform=None) -> ray.data.Dataset:
@@ -125,18 +153,19 @@ def build_stream(version, cfg: CorpusConfig, epoch: int = 0, transform=None) -> 
 
     Rows carry the canonical columns plus `replica` (copy number of an upsampled row),
     `pixels` (uint8, image_size x image_size x 3; zeros for text-only rows) and
-    `has_image`. `transform`, a callable or a callable class taking and returning a
-    dict of numpy arrays, runs on each batch after decoding. Ray must be initialized.
+    `has_image`. `transform`, a callable or a callable class (or a `functools.partial`
+    of one, to pass constructor arguments) taking and returning a dict of numpy arrays,
+    runs on each batch after decoding. Ray must be initialized.
     """
     tasks, stream = cfg.tasks, cfg.stream
     plan = SamplingPlan.build(version.task_counts, cap=tasks.cap, temperature=tasks.temperature)
     templates = TemplateSet(load_templates(tasks.templates)) if tasks.templates else None
-    quarantine = stream.quarantine or storage.join(version.uri, STREAM_QUARANTINE)
+    quarantine = quarantine_uri(version, cfg)
 
     fs, _ = storage.filesystem(version.uri)
     paths = [storage.filesystem(uri)[1] for uri in version.shard_uris]
     decode_args = (stream.image_size, quarantine, epoch, transform)
-    if isinstance(transform, type):
+    if _is_stateful(transform):
         # A stateful transform: a fixed actor pool builds it once per worker.
         decode_fn, kwargs = _DecodeImages, {
             "fn_constructor_args": decode_args,

@@ -1,0 +1,132 @@
+"""SFT tokens/s of the platform (Ray Train + DeepSpeed, world size 1) against a bare torch loop.
+
+Both sides train the same tiny LLaVA (projector + LLM trainable, AdamW, gradient clipping
+1.0) on the same micro-batches: the platform streams them through Ray Data (decode,
+SFTTransform, collate in the prefetch threads) into `vlit.train.sft.train_loop`, with its
+per-step metrics, Ray Train reports, MLflow logging and a final checkpoint; the bare loop
+gets the same collated batches from memory and runs forward, loss, backward and step in
+one process. Throughput is real (non-padding) tokens over the wall time of the steps
+after the first --warmup ones.
+
+    python bench/sft_bench.py [--instances 800 --steps 40 --warmup 5 --micro-batch 4 --zero-stage 2]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shlex
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vlit.config import Config, PrepareConfig, RayConfig
+from vlit.corpus.prepare import prepare_corpus
+from vlit.corpus.stream import build_stream, quarantine_uri
+from vlit.corpus.synth import synth_corpus
+from vlit.corpus.version import CorpusVersion
+from vlit.model.build import build_model_and_processor
+from vlit.model.labels import IGNORE
+from vlit.model.packing import SFTTransform
+from vlit.runtime import init_ray
+from vlit.train import sft
+from vlit.train.strategy import PARTS
+from vlit.train.tracking import tracking_uri
+
+
+def config(work: str, version: CorpusVersion, args) -> Config:
+    return Config.model_validate({
+        "run": {"name": "sft-bench", "workdir": f"{work}/work"},
+        "corpus": {"out": version.uri, "stream": {"image_size": 32, "block_rows": 128, "decode_concurrency": 1}},
+        "model": {"preset": "tiny", "max_len": 512},
+        "train": {"output": f"{work}/run", "lr": 1e-3, "warmup_ratio": 0.0, "micro_batch_size": args.micro_batch,
+                  "num_workers": 1, "zero_stage": args.zero_stage, "max_steps": args.steps,
+                  "checkpoint_every": args.steps},
+    })
+
+
+def same_batches(cfg: Config, version: CorpusVersion, n: int) -> list[dict]:
+    """The first `n` micro-batches the platform's single worker trains on, collated."""
+    transform = functools.partial(SFTTransform, cfg.model, cfg.loss, cfg.train, template_text=None,
+                                  quarantine=quarantine_uri(version, cfg.corpus), epoch=0)
+    ds = build_stream(version, cfg.corpus, transform=transform)
+    batches = []
+    for batch in ds.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True,
+                                       collate_fn=sft._Collate(torch.float32)):
+        batches.append(batch)
+        if len(batches) == n:
+            return batches
+    raise SystemExit(f"the corpus gives only {len(batches)} micro-batches; raise --instances")
+
+
+def platform_rate(cfg: Config, version: CorpusVersion, warmup: int) -> float:
+    from mlflow.tracking import MlflowClient
+
+    result = sft.run_sft(cfg, version)
+    client = MlflowClient(tracking_uri(cfg))
+    history = {k: {m.step: m.value for m in client.get_metric_history(result["mlflow_run_id"], k)}
+               for k in ("real_tokens", "tokens_per_s")}
+    steps = [s for s in sorted(history["real_tokens"]) if s > warmup]
+    tokens = sum(history["real_tokens"][s] for s in steps)
+    return tokens / sum(history["real_tokens"][s] / history["tokens_per_s"][s] for s in steps)
+
+
+def bare_rate(cfg: Config, batches: list[dict], warmup: int) -> float:
+    model, _ = build_model_and_processor(cfg.model)
+    trainable = tuple(p for part in cfg.train.trainable for p in PARTS[part])
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
+    tokens, seconds = 0, 0.0
+    for step, batch in enumerate(batches, start=1):
+        start = time.perf_counter()
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]).logits
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step > warmup:
+            seconds += time.perf_counter() - start
+            tokens += int((batch["segment_ids"] > 0).sum())
+    return tokens / seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--instances", type=int, default=800)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5, help="steps excluded from timing")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
+    args = p.parse_args()
+    print("$ " + " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]]), flush=True)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+    work = tempfile.mkdtemp(prefix="vlit-sft-bench-", dir="/tmp")
+    synth = synth_corpus(f"{work}/src", instances=args.instances, tasks=8, image_pool=32, image_size=32)
+    version = CorpusVersion.open(prepare_corpus(PrepareConfig(sources=[synth["annotation"]]), f"{work}/versions")["version"])
+    cfg = config(work, version, args)
+    init_ray(RayConfig(num_cpus=4, object_store_mb=512), workdir=work)
+    batches = same_batches(cfg, version, args.steps)
+    print(f"tiny LLaVA, {version.rows} rows, {args.steps} steps of {args.micro_batch} packed sequences "
+          f"(max_len 512), first {args.warmup} untimed, ZeRO-{args.zero_stage}, {os.cpu_count()} cores", flush=True)
+
+    platform = platform_rate(cfg, version, args.warmup)
+    print(f"platform (Ray Train + DeepSpeed, 1 worker): {platform:8.1f} tokens/s", flush=True)
+    import ray
+
+    ray.shutdown()  # the bare loop gets the machine to itself
+    torch.set_num_threads(1)  # as in the Ray worker (1 CPU: OMP_NUM_THREADS=1)
+    bare = bare_rate(cfg, batches, args.warmup)
+    print(f"bare torch loop (1 process)               : {bare:8.1f} tokens/s", flush=True)
+    print(f"ratio platform/bare: {platform / bare:.2f} (goal >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Build, export and reload LLaVA-architecture models and their processors.
+
+`model.preset: tiny` builds a small LLaVA from config (CLIP vision tower + MLP projector +
+Llama LLM, hidden 64, 2 layers, 32 px images, patch 8) with the offline BPE tokenizer: the
+same code paths as a real LLaVA-1.5, in seconds on a CPU. `model.path` loads real weights
+in Hugging Face format from a folder or an s3:// URI (copied to a local cache first,
+because `from_pretrained` reads local files).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from vlit import storage
+from vlit.config import ModelConfig
+from vlit.model.tokenizer import build_tiny_tokenizer
+
+TINY_IMAGE_SIZE = 32
+TINY_PATCH_SIZE = 8
+TINY_HIDDEN = 64
+TINY_LAYERS = 2
+TINY_HEADS = 4
+# Where s3:// models are copied before `from_pretrained` (one folder per URI).
+MODEL_CACHE = os.environ.get("VLIT_MODEL_CACHE", os.path.expanduser("~/.cache/vlit/models"))
+
+
+def tiny_processor(image_size: int = TINY_IMAGE_SIZE, patch_size: int = TINY_PATCH_SIZE) -> LlavaProcessor:
+    """A LLaVA-1.5-style processor over the offline tokenizer. `<image>` expands to
+    (image_size / patch_size)^2 tokens: +1 for CLIP's CLS token, -1 because the "default"
+    feature strategy drops it again, exactly as LLaVA-1.5 counts them."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tiny_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def _tiny_model(cfg: ModelConfig, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=TINY_HIDDEN, intermediate_size=2 * TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=TINY_HEADS, image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE,
+        projection_dim=TINY_HIDDEN,
+    )
+    text = LlamaConfig(
+        hidden_size=TINY_HIDDEN, intermediate_size=2 * TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=TINY_HEADS, num_key_value_heads=TINY_HEADS, vocab_size=len(tokenizer),
+        max_position_embeddings=cfg.max_len, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
+        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = cfg.attn_implementation
+    torch.manual_seed(0)  # the same tiny weights in every process: ranks start identical
+    return LlavaForConditionalGeneration(config).to(getattr(torch, cfg.dtype))
+
+
+def local_copy(uri: str) -> str:
+    """A local folder holding the files under `uri`: the folder itself, or a cached copy of
+    an s3:// prefix. The copy is written to a temp folder and renamed, so a crashed
+    download never looks complete."""
+    if not storage.is_s3(uri):
+        return storage.normalize(uri)
+    dest = os.path.join(MODEL_CACHE, hashlib.sha256(storage.normalize(uri).encode()).hexdigest()[:16])
+    if os.path.isdir(dest):
+        return dest
+    os.makedirs(MODEL_CACHE, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=MODEL_CACHE, prefix=".partial-")
+    root = storage.normalize(uri)
+    for file_uri in storage.list_files(root):
+        target = os.path.join(tmp, file_uri[len(root) + 1:])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(storage.read_bytes(file_uri))
+    os.replace(tmp, dest)
+    return dest
+
+
+def build_processor(cfg: ModelConfig):
+    """The processor alone (data workers need it, not the weights)."""
+    return tiny_processor() if cfg.preset == "tiny" else AutoProcessor.from_pretrained(local_copy(cfg.path))
+
+
+def build_model_and_processor(cfg: ModelConfig):
+    processor = build_processor(cfg)
+    if cfg.preset == "tiny":
+        return _tiny_model(cfg, processor), processor
+    path = local_copy(cfg.path)
+    kwargs = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
+    # LLaVA checkpoints by their own class; other image-text-to-text families (LLaVA-NeXT,
+    # Qwen-VL, ...) through the Auto class that maps their config to a model.
+    if AutoConfig.from_pretrained(path).model_type == "llava":
+        return LlavaForConditionalGeneration.from_pretrained(path, **kwargs), processor
+    return AutoModelForImageTextToText.from_pretrained(path, **kwargs), processor
+
+
+def export_model(model, processor, uri: str) -> None:
+    """`save_pretrained` (safetensors) of model and processor to a folder or s3:// prefix."""
+    if not storage.is_s3(uri):
+        model.save_pretrained(storage.normalize(uri), safe_serialization=True)
+        processor.save_pretrained(storage.normalize(uri))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(model, processor, tmp)
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes(storage.join(uri, name), f.read())
+
+
+def load_exported(uri: str):
+    """(model, processor) of an export, through transformers' Auto classes only."""
+    path = local_copy(uri)
+    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)

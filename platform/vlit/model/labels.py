@@ -1,0 +1,186 @@
+"""Rows to token ids and label masks; the supervision audit and per-task loss.
+
+`encode_row` renders a row with its conversation template, tokenizes the whole text
+once, and labels each token from what its characters are (`templates.Piece` kinds):
+
+- `loss.target: response`: assistant responses (and their end-of-turn token) only;
+- `loss.target: l2t`: instruction text too, except the system prompt, role tags, the
+  image and the task's template sentences (`corpus/template_text.py`).
+
+Whitespace takes the supervision of the text that follows it, because BPE and
+SentencePiece tokenizers both glue a leading space to the next word. A token whose
+characters disagree (one token spanning a role tag and a response) means the pieces do
+not tokenize on their own as they do together; so does a conversation whose per-turn
+tokenization differs from its whole-text tokenization (LLaVA masks such rows entirely
+and trains on nothing). Both raise `EncodeError("tokenization_mismatch")`: the row is
+quarantined and counted, never trained with a wrong or all-masked label.
+
+The image placeholder is expanded to the processor's image-token count after
+tokenization, so lengths are the model's real sequence lengths. A row longer than
+`model.max_len` is quarantined as `too_long` rather than truncated: cutting inside the
+image span breaks the model's image-feature count, and cutting the response leaves a
+partial target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vlit.config import LossConfig, ModelConfig
+from vlit.corpus.schema import IMAGE_TOKEN
+from vlit.corpus.template_text import sentence_spans
+from vlit.model.templates import IMAGE, INSTRUCTION, RESPONSE, EncodeError, render
+
+IGNORE = -100  # the label transformers' losses skip
+TEMPLATE = "template"  # instruction sentences that are task-template text
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: np.ndarray  # int64 [n], image placeholder expanded
+    labels: np.ndarray  # int64 [n], IGNORE where not supervised
+    has_image: bool
+    task: str
+
+
+def num_image_tokens(processor) -> int:
+    """Tokens one image takes in the LLM's sequence (LLaVA-1.5 at 336 px: 576)."""
+    crop = processor.image_processor.crop_size
+    return processor._get_num_multimodal_tokens(image_sizes=[(crop["height"], crop["width"])]).num_image_tokens[0]
+
+
+def _turns(row: dict) -> list[tuple[str, str]]:
+    return [(t["role"], t["content"]) for t in row["turns"]]
+
+
+def _has_image(row: dict) -> bool:
+    if "has_image" in row:
+        return bool(row["has_image"])
+    return row.get("image") is not None
+
+
+def _check_image_tokens(turns: list[tuple[str, str]], has_image: bool) -> None:
+    count = sum(content.count(IMAGE_TOKEN) for _, content in turns)
+    if has_image and count != 1:
+        reason = "image_without_token" if count == 0 else "multiple_image_tokens"
+        raise EncodeError(reason, f"a row with an image needs one {IMAGE_TOKEN} placeholder, found {count}")
+    if not has_image and count:
+        raise EncodeError("image_token_without_image", f"{count} {IMAGE_TOKEN} placeholder(s) in a text-only row")
+
+
+def _char_supervision(pieces, target: str, templates: set[str]) -> np.ndarray:
+    """One bool per character of the rendered text: is it a training target?"""
+    masks = []
+    for piece in pieces:
+        on = piece.kind == RESPONSE or (piece.kind == INSTRUCTION and target == "l2t")
+        mask = np.full(len(piece.text), on)
+        if piece.kind == INSTRUCTION:
+            # Template sentences are counted on the first user turn only (template_text.py).
+            for lo, hi in sentence_spans(piece.text) if on and piece.turn == 0 else ():
+                if piece.text[lo:hi] in templates:
+                    mask[lo:hi] = False
+            start = piece.text.find(IMAGE_TOKEN)
+            if start >= 0:
+                mask[start:start + len(IMAGE_TOKEN)] = False
+        masks.append(mask)
+    mask = np.concatenate(masks) if masks else np.zeros(0, bool)
+    # Whitespace takes the value of the next non-whitespace character (see module doc);
+    # trailing whitespace (plain's "\n") keeps its own.
+    text = "".join(p.text for p in pieces)
+    following = None
+    for i in range(len(text) - 1, -1, -1):
+        if text[i].isspace():
+            mask[i] = mask[i] if following is None else following
+        else:
+            following = mask[i]
+    return mask
+
+
+def _mismatch(tokenizer, a: list[int], b: list[int], what: str) -> EncodeError:
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return EncodeError(
+        "tokenization_mismatch",
+        f"{what} at token {at}: {tokenizer.decode(a[max(0, at - 3):at + 3])!r} vs {tokenizer.decode(b[max(0, at - 3):at + 3])!r}",
+    )
+
+
+def encode_row(row: dict, processor, model_cfg: ModelConfig, loss_cfg: LossConfig,
+               template_text: dict[str, set[str]] | None) -> Encoded:
+    """A canonical row (turns, task, image or has_image) -> ids and labels; raises
+    `EncodeError(reason, detail)` for rows to quarantine."""
+    tokenizer = processor.tokenizer
+    turns, has_image = _turns(row), _has_image(row)
+    _check_image_tokens(turns, has_image)
+    pieces = render(turns, model_cfg.template, tokenizer.eos_token)
+    text = "".join(p.text for p in pieces)
+    templates = (template_text or {}).get(row["task"], set()) if loss_cfg.target == "l2t" else set()
+    supervised = _char_supervision(pieces, loss_cfg.target, templates)
+
+    whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = whole["input_ids"], np.asarray(whole["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    per_turn = []
+    for turn in sorted({p.turn for p in pieces}):
+        per_turn += tokenizer("".join(p.text for p in pieces if p.turn == turn), add_special_tokens=False)["input_ids"]
+    if per_turn != ids:
+        raise _mismatch(tokenizer, per_turn, ids, "per-turn vs whole-conversation tokenization")
+
+    # Supervised characters per token; a token is a target when all of its characters are.
+    counts = np.concatenate([[0], np.cumsum(supervised)])
+    on = counts[offsets[:, 1]] - counts[offsets[:, 0]]
+    width = offsets[:, 1] - offsets[:, 0]
+    straddle = np.flatnonzero((on > 0) & (on < width))
+    if straddle.size:
+        lo, hi = offsets[straddle[0]]
+        raise EncodeError("tokenization_mismatch", f"token {tokenizer.decode([ids[straddle[0]]])!r} "
+                          f"(chars {lo}:{hi}) spans supervised and unsupervised text")
+    ids = np.asarray(ids, dtype=np.int64)
+    labels = np.where((on > 0) & (on == width), ids, IGNORE)
+
+    if tokenizer.bos_token_id is not None:  # as the tokenizer's own special tokens would add it
+        ids, labels = np.concatenate([[tokenizer.bos_token_id], ids]), np.concatenate([[IGNORE], labels])
+    image_at = np.flatnonzero(ids == processor.image_token_id)
+    if image_at.size:  # the processor's expansion: one placeholder -> N image tokens, never targets
+        repeats = np.where(ids == processor.image_token_id, num_image_tokens(processor), 1)
+        ids, labels = np.repeat(ids, repeats), np.repeat(np.where(repeats > 1, IGNORE, labels), repeats)
+    if len(ids) > model_cfg.max_len:
+        raise EncodeError("too_long", f"{len(ids)} tokens (images expanded) > model.max_len {model_cfg.max_len}")
+    if not (labels != IGNORE).any():
+        raise EncodeError("no_supervised_tokens", f"nothing to train on under loss.target={loss_cfg.target}")
+    return Encoded(ids.astype(np.int64), labels.astype(np.int64), has_image, row["task"])
+
+
+def supervision_audit(batch: dict) -> dict:
+    """Supervised tokens per task and rows (packed segments) with none, from a `collate`d
+    batch: what the trainer logs to show what the loss actually saw."""
+    labels, seg, token_task = batch["labels"], batch["segment_ids"], batch["token_task"]
+    on = labels != IGNORE
+    per_task = torch.bincount(token_task[on], minlength=len(batch["tasks"]))
+    # Segment ids are unique per sequence; offset them per row to count segments batch-wide.
+    rows = seg + seg.new_tensor(np.arange(seg.shape[0]) * (int(seg.max()) + 1))[:, None]
+    real = seg > 0
+    supervised_rows = torch.unique(rows[on & real])
+    return {
+        "supervised_tokens": {t: int(n) for t, n in zip(batch["tasks"], per_task.tolist())},
+        "zero_supervised_rows": int(torch.unique(rows[real]).numel() - supervised_rows.numel()),
+    }
+
+
+def token_losses(logits, batch: dict, task_index: dict[str, int]):
+    """Mean next-token loss over supervised tokens, and per-task (sum, count) of it over
+    all of the run's tasks (`task_index`: name -> position), from one cross-entropy pass.
+
+    Labels are aligned with the inputs (Hugging Face convention): position t predicts
+    label t+1. `batch["token_task"]` indexes the batch's own `tasks` list.
+    """
+    logits, labels = logits[:, :-1], batch["labels"][:, 1:]
+    on = labels != IGNORE
+    per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    loss = per_token.sum() / on.sum().clamp(min=1)
+    to_run = torch.tensor([task_index[t] for t in batch["tasks"]], dtype=torch.long, device=labels.device)
+    tasks = to_run[batch["token_task"][:, 1:][on]]
+    zeros = torch.zeros(len(task_index), device=labels.device)
+    task_sum = zeros.index_add(0, tasks, per_token[on].detach())
+    task_count = zeros.index_add(0, tasks, torch.ones(len(tasks), device=labels.device))
+    return loss, task_sum, task_count

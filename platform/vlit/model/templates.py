@@ -1,0 +1,71 @@
+"""Conversation templates: a conversation rendered to text, as pieces that say what each
+span of that text is (system prompt, role tag, instruction, response), so label masks
+follow from the rendering instead of being re-derived from token counts.
+
+- `vicuna_v1` (LLaVA-1.5 fine-tuning):
+  "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
+- `plain` (LLaVA pretraining, projector alignment): "<image>{caption}\\n"; the
+  instruction is dropped and the caption supervised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlit.corpus.schema import IMAGE_TOKEN
+
+SYSTEM, ROLE, INSTRUCTION, RESPONSE, IMAGE = "system", "role", "instruction", "response", "image"
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+class EncodeError(ValueError):
+    """A row that cannot be trained on; `reason` is its quarantine reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    kind: str  # SYSTEM | ROLE | INSTRUCTION | RESPONSE | IMAGE
+    turn: int  # index of the message it renders: the unit of per-turn tokenization
+
+
+def _check_turns(turns: list[tuple[str, str]]) -> None:
+    roles = [role for role, _ in turns]
+    expected = ["user", "assistant"] * (len(turns) // 2)
+    if not turns or roles != expected:
+        raise EncodeError("bad_turns", f"expected alternating user/assistant turns, got {roles}")
+
+
+def render_vicuna_v1(turns: list[tuple[str, str]], eos: str) -> list[Piece]:
+    _check_turns(turns)
+    pieces = [Piece(VICUNA_SYSTEM, SYSTEM, 0)]
+    for i, (role, content) in enumerate(turns):
+        if role == "user":
+            # The separator " " before a role tag belongs to the tag, as LLaVA renders it.
+            pieces += [Piece(" USER: " if i == 0 else "USER: ", ROLE, i), Piece(content, INSTRUCTION, i)]
+        else:
+            pieces += [Piece(" ASSISTANT: ", ROLE, i), Piece(content, RESPONSE, i), Piece(eos, RESPONSE, i)]
+    return pieces
+
+
+def render_plain(turns: list[tuple[str, str]], eos: str) -> list[Piece]:
+    _check_turns(turns)
+    if len(turns) != 2:
+        raise EncodeError("bad_turns", f"the plain template takes one image-caption pair, got {len(turns)} turns")
+    image = [Piece(IMAGE_TOKEN, IMAGE, 0)] if IMAGE_TOKEN in turns[0][1] else []
+    return image + [Piece(turns[1][1], RESPONSE, 1), Piece("\n", RESPONSE, 1)]
+
+
+TEMPLATES = {"vicuna_v1": render_vicuna_v1, "plain": render_plain}
+
+
+def render(turns: list[tuple[str, str]], template: str, eos: str) -> list[Piece]:
+    """The pieces of a conversation of (role, content) turns under `template`."""
+    return TEMPLATES[template](turns, eos)

@@ -1,0 +1,89 @@
+"""MLflow for training stages: the driver opens one run per stage, rank 0 appends metrics.
+
+The tracking URI comes from `MLFLOW_TRACKING_URI`, else `sqlite:///<run.workdir>/mlflow.db`
+(made absolute, since Ray workers run elsewhere). Parameters are the run's config minus
+`storage` and `ray` (addresses, not experiment settings); the config schema has no field
+for credentials, so nothing logged can hold one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from vlit.config import Config
+
+_UNSAFE = re.compile(r"[^\w./\- :]")  # MLflow metric and param names allow only these
+
+
+def tracking_uri(cfg: Config) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(cfg.run.workdir)}/mlflow.db"
+
+
+def _client(uri: str):
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # it would otherwise try to reach the internet
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def start_run(cfg: Config, version) -> dict:
+    """A new run in experiment `run.name`, with the config and corpus version as params."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(cfg.run.name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.run.name)
+    run = client.create_run(experiment_id, run_name=f"sft-{os.path.basename(cfg.train.output.rstrip('/'))}",
+                            tags={"vlit.stage": "sft", "vlit.corpus.digest": version.digest})
+    params = _flatten(cfg.model_dump(mode="json", exclude={"storage", "ray"}))
+    params["corpus.version"] = version.uri
+    from mlflow.entities import Param
+
+    client.log_batch(run.info.run_id, params=[Param(_UNSAFE.sub("_", k), str(v)) for k, v in sorted(params.items())])
+    return {"uri": uri, "run_id": run.info.run_id}
+
+
+class StepLogger:
+    """Rank 0's per-step metrics, written in batches (`flush`, on the loop's reporting
+    cadence) and asynchronously: a database write per step takes CPU from the step."""
+
+    def __init__(self, run: dict):
+        self.client, self.run_id = _client(run["uri"]), run["run_id"]
+        self.pending = []
+
+    def log(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(_UNSAFE.sub("_", k), float(v), now, step) for k, v in metrics.items() if k != "step"]
+
+    def flush(self) -> None:
+        if self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending, synchronous=False)
+            self.pending = []
+
+    def close(self) -> None:
+        import mlflow
+
+        self.flush()
+        mlflow.flush_async_logging()
+
+
+def finish_run(run: dict, summary: dict) -> None:
+    """Close the stage's run with where its export and checkpoint are."""
+    client = _client(run["uri"])
+    for key in ("export", "checkpoint", "corpus"):
+        client.set_tag(run["run_id"], f"vlit.{key}", str(summary[key]))
+    client.set_terminated(run["run_id"])

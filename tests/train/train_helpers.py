@@ -1,0 +1,59 @@
+"""Corpora, configs and the failure-injecting loop the training tests share."""
+from __future__ import annotations
+
+import json
+import os
+
+from vlit.config import Config, PrepareConfig
+from vlit.corpus.prepare import prepare_corpus
+from vlit.corpus.synth import synth_corpus
+from vlit.corpus.version import CorpusVersion
+from vlit.train import sft
+
+
+def corpus(out: str, instances: int = 96, tasks: int = 4, text_only_every: int = 0) -> CorpusVersion:
+    """A synthetic corpus version; with `text_only_every=k`, every k-th row loses its image
+    (and its <image> token), so the stream mixes image and text-only rows."""
+    synth = synth_corpus(f"{out}/src", instances=instances, tasks=tasks, image_pool=8, image_size=32)
+    annotation = synth["annotation"]
+    if text_only_every:
+        rows = json.load(open(annotation))
+        for row in rows[::text_only_every]:
+            row["image"] = None
+            row["conversations"][0]["value"] = row["conversations"][0]["value"].replace("<image>", "").strip()
+        annotation = f"{out}/src/mixed.json"
+        json.dump(rows, open(annotation, "w"))
+    summary = prepare_corpus(PrepareConfig(sources=[annotation]), f"{out}/versions")
+    return CorpusVersion.open(summary["version"])
+
+
+def config(tmp: str, version: CorpusVersion, name: str = "sft-test", **train) -> Config:
+    """Tiny model, 2 workers, CPU; one decode actor so the stream keeps a CPU of Ray's 4
+    for its reads while the two train workers hold theirs."""
+    return Config.model_validate({
+        "run": {"name": name, "workdir": f"{tmp}/work"},
+        "corpus": {"out": version.uri, "stream": {"image_size": 32, "block_rows": 48, "decode_concurrency": 1}},
+        "model": {"preset": "tiny", "max_len": 512},
+        "train": {"output": f"{tmp}/{name}", "lr": 3e-3, "warmup_ratio": 0.0, "micro_batch_size": 2,
+                  "num_workers": 2, "checkpoint_every": 100, **train},
+    })
+
+
+class _FailOnce(sft.DeepSpeedStrategy):
+    """Rank 1 raises after optimizer step `fail_at` on the run's first attempt only."""
+
+    fail_at, marker = None, None
+
+    def step(self) -> bool:
+        took = super().step()
+        if took and self.rank == 1 and self.engine.global_steps == self.fail_at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError(f"injected failure after step {self.fail_at}")
+        return took
+
+
+def failing_train_loop(config: dict, fail_at: int, marker: str) -> None:
+    """`sft.train_loop` with a worker failure injected; bind fail_at and marker with partial."""
+    _FailOnce.fail_at, _FailOnce.marker = fail_at, marker
+    sft.DeepSpeedStrategy = _FailOnce  # this worker process only
+    sft.train_loop(config)
