@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench cluster-check clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: setup
 	$(PY) bench/prepare_bench.py --instances 100000
 	$(PY) bench/stream_bench.py
 	$(PY) bench/sft_bench.py
+	$(PY) bench/serve_bench.py
+
+# Validate cluster/*.yaml offline (KubeRay v1.7.0 CRDs in ../shared/kuberay-crds); also part of `make test`.
+cluster-check: setup
+	$(VENV)/bin/vlit cluster check
 
 clean:
 	rm -rf $(VENV) .vlit build *.egg-info platform/*.egg-info

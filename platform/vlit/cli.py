@@ -4,7 +4,13 @@
     vlit corpus synth --instances N --tasks T --out DIR
     vlit corpus tasks VERSION
     vlit corpus sample VERSION [--cap N] [--temperature T] [--seed S] [--epoch E]
+    vlit feedback pairs INPUT... --out DIR [--image-root R] [--judge ID]
     vlit config check FILE [key=value ...]
+    vlit config serve FILE [key=value ...]
+    vlit cluster check [FILE ...] [--root DIR] [--crds DIR]
+    vlit cluster sync [FILE ...] [--root DIR]
+    vlit eval sets FILE [key=value ...]
+    vlit eval run FILE [--model URI] [--stage S] [--run-id ID] [--baseline JSON] [--gate] [key=value ...]
 """
 from __future__ import annotations
 
@@ -31,7 +37,12 @@ def job_main(name: str, description: str, stage) -> int:
     except ConfigError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(stage(cfg), indent=2, default=str))
+    try:
+        summary = stage(cfg)
+    except ConfigError as e:  # a stage that finds its section missing or inconsistent
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -98,6 +109,92 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_serve(args: argparse.Namespace) -> int:
+    import yaml
+
+    from vlit.serve.app import deploy_config
+
+    print(yaml.safe_dump(deploy_config(load_config(args.file, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def _feedback_pairs(args: argparse.Namespace) -> int:
+    from vlit.synth.feedback import FeedbackError, build_pairs
+
+    try:
+        summary = build_pairs(args.inputs, args.out, image_root=args.image_root, judge=args.judge)
+    except FeedbackError as e:
+        print(f"vlit feedback pairs: {e}", file=sys.stderr)
+        return 1
+    _print(summary)
+    return 0
+
+
+def _eval_sets(args: argparse.Namespace) -> int:
+    from vlit.evaluate.harness import build_eval_sets
+
+    sets = build_eval_sets(load_config(args.file, args.overrides))
+    _print({suite: {"uri": es.uri, "digest": es.digest, "rows": es.manifest["rows"], "tasks": es.manifest["tasks"]}
+            for suite, es in sets.items()})
+    return 0
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    """Metrics as JSON on stdout; with --gate, exit 3 and the reasons on stderr when a
+    configured gate fails."""
+    from vlit.evaluate.gates import GateFailed, enforce_gates
+    from vlit.evaluate.harness import run_eval
+
+    cfg = load_config(args.file, args.overrides)
+    baseline = json.loads(open(args.baseline).read()) if args.baseline else None
+    metrics = run_eval(cfg, args.model, stage=args.stage, run_id=args.run_id, baseline=baseline)
+    _print(metrics)
+    if args.gate:
+        try:
+            enforce_gates(metrics, cfg.eval.gates, args.stage)
+        except GateFailed as e:
+            print(f"vlit eval run: {e}", file=sys.stderr)
+            return 3
+    return 0
+
+
+def _cluster_files(args: argparse.Namespace) -> list[str]:
+    import glob
+    import os
+
+    return args.files or [os.path.normpath(f) for f in sorted(glob.glob(os.path.join(args.root, "cluster", "*.yaml")))]
+
+
+def _cluster_check(args: argparse.Namespace) -> int:
+    """Problems one a line (FILE: KIND NAME: field.path: message); exit 1 when there are any."""
+    from vlit.kube import check_files
+
+    files = _cluster_files(args)
+    if not files:
+        print(f"vlit cluster check: no manifests given and none in {args.root}/cluster", file=sys.stderr)
+        return 2
+    report = check_files(files, root=args.root, crd_dir=args.crds)
+    for problem in report.problems:
+        print(problem)
+    if report.problems:
+        print(f"vlit cluster check: {len(report.problems)} problem(s) in {len(report.objects)} manifests", file=sys.stderr)
+        return 1
+    print(f"{len(report.objects)} manifests in {len(files)} files: ok")
+    for name, keys in sorted(report.secrets.items()):
+        listed = [k if required else f"{k} (optional)" for k, required in sorted(keys.items())]
+        print(f"  needs Secret {name}: {', '.join(listed) or '(all keys)'}")
+    return 0
+
+
+def _cluster_sync(args: argparse.Namespace) -> int:
+    from vlit.kube import sync_serve_config
+
+    for file in _cluster_files(args):
+        names = sync_serve_config(file, args.root)
+        print(f"{file}: {'serveConfigV2 rewritten for ' + ', '.join(names) if names else 'up to date'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlit", description=__doc__.split("\n")[0])
     top = parser.add_subparsers(dest="group", required=True)
@@ -138,11 +235,49 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--epoch", type=int, default=0)
     m.set_defaults(func=_sample)
 
+    feedback = top.add_parser("feedback", help="preference data").add_subparsers(dest="cmd", required=True)
+    f = feedback.add_parser("pairs", help="VLFeedback-format JSONL -> preference pairs (DIR/pairs.parquet, summary.json)")
+    f.add_argument("inputs", nargs="+", help="JSONL files or folders, local or s3://")
+    f.add_argument("--out", required=True, help="the pairs version's folder")
+    f.add_argument("--image-root", default=None, help="resolve relative img_path here (default: each file's folder)")
+    f.add_argument("--judge", default="vlfeedback-release", help="the judge id recorded with each pair")
+    f.set_defaults(func=_feedback_pairs)
+
+    ev = top.add_parser("eval", help="held-out evaluation and gates").add_subparsers(dest="cmd", required=True)
+    e = ev.add_parser("sets", help="build (or reuse) the config's evaluation sets and print their versions")
+    e.add_argument("file")
+    e.add_argument("overrides", nargs="*", help="key.path=value")
+    e.set_defaults(func=_eval_sets)
+    e = ev.add_parser("run", help="evaluate a model on the config's held-out sets; print the metrics as JSON")
+    e.add_argument("file")
+    e.add_argument("overrides", nargs="*", help="key.path=value")
+    e.add_argument("--model", default=None, help="an exported model (folder or s3://); default: the config's model")
+    e.add_argument("--stage", default="eval", help="the stage's name in logs and artifacts")
+    e.add_argument("--run-id", default=None, help="an MLflow run to log metrics, predictions and set digests to")
+    e.add_argument("--baseline", default=None, help="metrics JSON of the model before the stage (forgetting deltas)")
+    e.add_argument("--gate", action="store_true", help="exit 3 when a gate in eval.gates fails")
+    e.set_defaults(func=_eval_run)
+
     c = top.add_parser("config", help="configs").add_subparsers(dest="cmd", required=True)
     k = c.add_parser("check", help="validate a config file with overrides and print it resolved")
     k.add_argument("file")
     k.add_argument("overrides", nargs="*", help="key.path=value")
     k.set_defaults(func=_config_check)
+    v = c.add_parser("serve", help="Ray Serve's config file (a RayService's serveConfigV2) for a config's serve section")
+    v.add_argument("file")
+    v.add_argument("overrides", nargs="*", help="key.path=value")
+    v.set_defaults(func=_config_serve)
+    cl = top.add_parser("cluster", help="KubeRay manifests (cluster/)").add_subparsers(dest="cmd", required=True)
+    k = cl.add_parser("check", help="validate manifests offline: KubeRay CRDs (strict), controller rules, "
+                                    "Secret references only, non-root; and against the configs they run")
+    k.add_argument("files", nargs="*", help="manifests (default: ROOT/cluster/*.yaml)")
+    k.add_argument("--root", default=".", help="the repository: manifests' paths (configs/, jobs/) resolve here")
+    k.add_argument("--crds", default=None, help="folder of the KubeRay v1.7.0 CRDs (default: ../shared/kuberay-crds)")
+    k.set_defaults(func=_cluster_check)
+    k = cl.add_parser("sync", help="rewrite each RayService's serveConfigV2 from the config its vlit/serve-config names")
+    k.add_argument("files", nargs="*", help="manifests (default: ROOT/cluster/*.yaml)")
+    k.add_argument("--root", default=".", help="the repository")
+    k.set_defaults(func=_cluster_sync)
     return parser
 
 

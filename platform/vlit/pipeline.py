@@ -93,6 +93,42 @@ def sft_stage(cfg: Config) -> dict:
     return result
 
 
+def pairs_stage(cfg: Config):
+    """The DPO stage's pairs version: `dpo.pairs`, or built (content-addressed, reused when
+    unchanged) from `dpo.feedback` or from feedback made from the synthetic corpus."""
+    from vlit.synth.feedback import PairsVersion, pairs_version
+
+    dpo = cfg.dpo
+    if dpo.pairs:
+        return PairsVersion.open(dpo.pairs)
+    sources, judge = dpo.feedback, dpo.judge
+    if dpo.synth:
+        from vlit.synth.feedback_synth import JUDGE, synth_feedback
+
+        s = dpo.synth
+        made = synth_feedback(synth_stage(cfg)[0], prompts=s.prompts, completions=s.completions, seed=s.seed)
+        sources, judge = [made["feedback"]], JUDGE
+    summary = pairs_version(sources, dpo.pairs_out, dpo.image_root, judge)
+    _say("pairs", f"{'reused' if summary['reused'] else 'built'} pairs {summary['digest']}: {summary['pairs']} pairs "
+                  f"of {summary['prompts']} prompts; {summary['ties']} ties, {summary['unparseable']} responses with a "
+                  f"non-numeric rating, {summary['quarantined']} rows quarantined -> {summary['version']}")
+    return PairsVersion.open(summary["version"])
+
+
+def dpo_stage(cfg: Config) -> dict:
+    """One DPO stage (`dpo.*`, `train.*`) on the config's pairs, exported to <train.output>/export."""
+    from vlit.train.dpo import run_dpo
+
+    if cfg.dpo is None:
+        raise SystemExit("config error: dpo is not set (a DPO stage needs a dpo section)")
+    result = run_dpo(cfg, pairs_stage(cfg))
+    cache = result["reference_cache"]
+    where = f", reference log-probs {'reused from' if cache['reused'] else 'cached in'} {cache['uri']}" if cache else ""
+    _say("dpo", f"{result['steps']} steps, final loss {result['loss']:.4f}, reward accuracy "
+                f"{result['reward_accuracy']:.2f}{where} -> {result['export']}")
+    return result
+
+
 def run(cfg: Config) -> dict:
     version = corpus_stage(cfg)
     stream = stream_stage(cfg, version)

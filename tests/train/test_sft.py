@@ -4,6 +4,7 @@ uninterrupted run, and the export reloads with Auto classes and generates."""
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -50,6 +51,9 @@ def test_zero2_loss_goes_down_with_per_task_metrics(zero2_run):
     assert run.data.params["train.zero_stage"] == "2" and run.data.tags["vlit.corpus.digest"] == version.digest
     assert 0 < run.data.metrics["real_token_fraction"] <= 1 and run.data.metrics["tokens_per_s"] > 0
     assert any(k.startswith("task_loss/") for k in run.data.metrics)
+    # The corpus version is the run's dataset input, named by its content digest.
+    [dataset] = [d.dataset for d in run.inputs.dataset_inputs]
+    assert (dataset.name, dataset.digest) == ("corpus", version.digest) and version.uri in dataset.source
 
 
 @pytest.mark.timeout(180)
@@ -77,7 +81,10 @@ def test_resume_after_worker_failure_matches_uninterrupted_run(zero2_run, tmp_pa
     # Rank 1 raises after step 3, one step past the checkpoint at step 2.
     monkeypatch.setattr(sft, "train_loop", functools.partial(train_helpers.failing_train_loop, fail_at=3,
                                                              marker=str(marker)))
-    resumed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output": str(tmp_path / "resumed")})})
+    # Materialized (stage 2's mode) while the reference run streamed: the same batches in
+    # the same order either way, so the weights must match as well.
+    resumed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"output": str(tmp_path / "resumed"), "materialize": True})})
     resumed = sft.run_sft(resumed_cfg, version)
     assert marker.exists() and resumed["steps"] == STEPS
     expected, got = _weights(uninterrupted["export"]), _weights(resumed["export"])
@@ -96,3 +103,39 @@ def test_zero3_mixed_image_and_text_batches_train_without_hanging(ray_local, tmp
     result = sft.run_sft(cfg, version)
     losses = _losses(result, cfg)
     assert result["steps"] == STEPS and losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.timeout(300)
+def test_lora_with_gradient_checkpointing_trains_audits_and_exports_merged(ray_local, tmp_path):
+    version = train_helpers.corpus(str(tmp_path), too_long=2)
+    cfg = train_helpers.config(str(tmp_path), version, name="sft-lora", max_steps=STEPS, zero_stage=2,
+                               gradient_checkpointing=True, lr=1e-2,
+                               lora={"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0})
+    result = sft.run_sft(cfg, version)
+    losses = _losses(result, cfg)
+    assert result["steps"] == STEPS and losses[-1] < losses[0], losses
+    # The export is a plain model: adapters merged into the LLM's weights, none left over.
+    from transformers import AutoModelForImageTextToText
+
+    assert not any("lora_" in k for k in _weights(result["export"]))
+    exported = {k: v.numpy() for k, v in AutoModelForImageTextToText.from_pretrained(result["export"]).state_dict().items()}
+    initial, _ = build_model_and_processor(cfg.model)
+    initial = {k: v.numpy() for k, v in initial.state_dict().items()}
+    assert exported.keys() == initial.keys()
+    changed = {k for k in exported if not np.allclose(exported[k], initial[k])}
+    assert any(".q_proj." in k for k in changed) and any("multi_modal_projector" in k for k in changed), sorted(changed)
+    # Outside LoRA's targets and the projector, nothing moved.
+    assert all(".q_proj." in k or ".k_proj." in k or ".v_proj." in k or ".o_proj." in k or "multi_modal_projector" in k
+               for k in changed), sorted(changed)
+    # The supervision audit, logged with the run: every task was supervised, the run's
+    # supervised tokens are its steps' (all workers), and the two over-long rows never
+    # reached the loss: quarantined with their reason, not cut.
+    client = MlflowClient(tracking_uri(cfg))
+    audit = json.load(open(client.download_artifacts(result["mlflow_run_id"], "supervision_audit.json", str(tmp_path))))
+    assert set(audit["supervised_tokens"]) == set(version.task_counts) and all(audit["supervised_tokens"].values())
+    steps = client.get_metric_history(result["mlflow_run_id"], "supervised_tokens")
+    assert sum(audit["supervised_tokens"].values()) == sum(m.value for m in steps)
+    assert audit["quarantined"] == {"too_long": 2} and audit["zero_supervised_rows"] == 0
+    assert result["quarantined"] == {"too_long": 2}
+    metrics = client.get_run(result["mlflow_run_id"]).data.metrics
+    assert metrics["audit/quarantined/too_long"] == 2 and metrics["audit/zero_supervised_rows"] == 0

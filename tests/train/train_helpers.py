@@ -11,17 +11,22 @@ from vlit.corpus.version import CorpusVersion
 from vlit.train import sft
 
 
-def corpus(out: str, instances: int = 96, tasks: int = 4, text_only_every: int = 0) -> CorpusVersion:
+def corpus(out: str, instances: int = 96, tasks: int = 4, text_only_every: int = 0, too_long: int = 0) -> CorpusVersion:
     """A synthetic corpus version; with `text_only_every=k`, every k-th row loses its image
-    (and its <image> token), so the stream mixes image and text-only rows."""
+    (and its <image> token), so the stream mixes image and text-only rows; `too_long` rows
+    get an instruction longer than any max_len the tests use."""
     synth = synth_corpus(f"{out}/src", instances=instances, tasks=tasks, image_pool=8, image_size=32)
     annotation = synth["annotation"]
-    if text_only_every:
+    if text_only_every or too_long:
         rows = json.load(open(annotation))
-        for row in rows[::text_only_every]:
+        for row in rows[::text_only_every] if text_only_every else []:
             row["image"] = None
             row["conversations"][0]["value"] = row["conversations"][0]["value"].replace("<image>", "").strip()
-        annotation = f"{out}/src/mixed.json"
+        # First in the file, so even a short run's stream reaches them.
+        rows[:0] = [{**row, "id": f"too-long-{i}", "conversations": [
+            {**row["conversations"][0], "value": row["conversations"][0]["value"] + " Look closely." * 400},
+            row["conversations"][1]]} for i, row in enumerate(rows[:too_long])]
+        annotation = f"{out}/src/edited.json"
         json.dump(rows, open(annotation, "w"))
     summary = prepare_corpus(PrepareConfig(sources=[annotation]), f"{out}/versions")
     return CorpusVersion.open(summary["version"])

@@ -12,6 +12,7 @@ stops the run: it leaves the stream and lands in a quarantine part file.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import uuid
@@ -125,6 +126,17 @@ def write_quarantine(uri: str, epoch: int, rows: list[dict], failures: list[tupl
     name = f"epoch-{epoch:04d}-{uuid.uuid4().hex}.parquet"
     with storage.open_output(storage.join(uri, name)) as f:
         pq.write_table(out, f)
+
+
+def quarantine_reasons(uri: str) -> dict[str, int]:
+    """Rows quarantined under `uri` per reason, each row once: a resumed or repeated run
+    replays the stream and quarantines the same rows again."""
+    seen = set()
+    for part in storage.list_files(uri, (".parquet",)) if storage.exists(uri) else []:
+        fs, path = storage.filesystem(part)
+        table = pq.read_table(path, filesystem=fs, columns=["reason", "source_ref"])
+        seen.update(zip(table["reason"].to_pylist(), table["source_ref"].to_pylist()))
+    return dict(collections.Counter(reason for reason, _ in seen))
 
 
 def _jsonable(value):

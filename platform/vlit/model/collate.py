@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# What `model(**{k: batch[k] for k in MODEL_INPUTS})` takes; the rest is for the audit and
-# per-task loss (`labels.supervision_audit`, `labels.token_losses`).
+# What `model(**{k: batch[k] for k in MODEL_INPUTS})` takes; the rest is for the per-task
+# loss and the supervision audit (`labels.token_losses`).
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "labels")
 
 

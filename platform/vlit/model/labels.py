@@ -1,4 +1,4 @@
-"""Rows to token ids and label masks; the supervision audit and per-task loss.
+"""Rows to token ids and label masks; per-task loss.
 
 `encode_row` renders a row with its conversation template, tokenizes the whole text
 once, and labels each token from what its characters are (`templates.Piece` kinds):
@@ -149,22 +149,6 @@ def encode_row(row: dict, processor, model_cfg: ModelConfig, loss_cfg: LossConfi
     if not (labels != IGNORE).any():
         raise EncodeError("no_supervised_tokens", f"nothing to train on under loss.target={loss_cfg.target}")
     return Encoded(ids.astype(np.int64), labels.astype(np.int64), has_image, row["task"])
-
-
-def supervision_audit(batch: dict) -> dict:
-    """Supervised tokens per task and rows (packed segments) with none, from a `collate`d
-    batch: what the trainer logs to show what the loss actually saw."""
-    labels, seg, token_task = batch["labels"], batch["segment_ids"], batch["token_task"]
-    on = labels != IGNORE
-    per_task = torch.bincount(token_task[on], minlength=len(batch["tasks"]))
-    # Segment ids are unique per sequence; offset them per row to count segments batch-wide.
-    rows = seg + seg.new_tensor(np.arange(seg.shape[0]) * (int(seg.max()) + 1))[:, None]
-    real = seg > 0
-    supervised_rows = torch.unique(rows[on & real])
-    return {
-        "supervised_tokens": {t: int(n) for t, n in zip(batch["tasks"], per_task.tolist())},
-        "zero_supervised_rows": int(torch.unique(rows[real]).numel() - supervised_rows.numel()),
-    }
 
 
 def token_losses(logits, batch: dict, task_index: dict[str, int]):

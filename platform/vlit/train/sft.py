@@ -40,6 +40,7 @@ from vlit.train.strategy import DeepSpeedStrategy, deepspeed_config, export_chec
 # interval (measured: 20x slower on the tiny model). Steps report to Ray Train at most this
 # often; MLflow gets every step, written in one batch at the same cadence.
 REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+AUDIT_PREFIX = "supervised_tokens/"
 
 
 class StepMeter:
@@ -48,6 +49,9 @@ class StepMeter:
     def __init__(self, num_tasks: int, device):
         self.num_tasks, self.device = num_tasks, device
         self.last_report = 0.0
+        # Supervised tokens per task over the whole run, all workers: the supervision
+        # audit. Carried in checkpoints so a resumed run's audit covers the whole run.
+        self.supervised = [0.0] * num_tasks
         self.start()
 
     def start(self) -> None:
@@ -73,6 +77,7 @@ class StepMeter:
         sums = strategy.all_reduce(self.sums).tolist()
         due, (loss_sum, supervised, tokens, real) = sums[0] > 0, sums[1:5]
         task_sum, task_count = sums[5:5 + self.num_tasks], sums[5 + self.num_tasks:]
+        self.supervised = [a + b for a, b in zip(self.supervised, task_count)]
         metrics = {
             "step": step,
             "loss": loss_sum / max(supervised, 1),
@@ -99,37 +104,50 @@ class _Collate(NumpyBatchCollateFn):
         return collate(batch, self.dtype)
 
 
-def micro_batches(train, skip: int, dtype: torch.dtype, device: torch.device):
+def micro_batches(train, skip: int, dtype: torch.dtype, device: torch.device, collate_fn=None):
     """This worker's collated micro-batches over all epochs on `device`, less the first
-    `skip`. Collation runs in Ray Data's prefetch threads, off the training step."""
+    `skip`. Collation runs in Ray Data's prefetch threads, off the training step.
+    `collate_fn`: another stage's collate hook (DPO's pairs); default SFT's `collate`."""
     shard = ray.train.get_dataset_shard("train")
     seen = 0
     for _ in range(train.epochs):
         # drop_last: every rank gets the same number of batches (the split is equal), so
         # no rank waits in a collective for a batch that another never gets.
         for batch in shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=True, prefetch_batches=2,
-                                              collate_fn=_Collate(dtype)):
+                                              collate_fn=collate_fn or _Collate(dtype)):
             seen += 1
             if seen > skip:
                 yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def resume(strategy: DeepSpeedStrategy) -> int:
-    """Load the latest reported checkpoint, if any; the optimizer steps it holds."""
+def resume_state(strategy: DeepSpeedStrategy) -> dict:
+    """Load the latest reported checkpoint, if any; its client state (`step`: the
+    optimizer steps it holds, plus what the loop saved with it), else {}."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return {}
     with checkpoint.as_directory() as path:
-        return strategy.load_checkpoint(path)["step"]
+        return strategy.load_checkpoint(path)
 
 
-def save_and_report(strategy: DeepSpeedStrategy, metrics: dict, step: int) -> None:
-    """Each rank writes its shard; Ray merges the ranks' files into one checkpoint."""
+def resume(strategy: DeepSpeedStrategy) -> int:
+    """Load the latest reported checkpoint, if any; the optimizer steps it holds."""
+    return resume_state(strategy).get("step", 0)
+
+
+def save_and_report(strategy: DeepSpeedStrategy, metrics: dict, step: int, state: dict | None = None) -> None:
+    """Each rank writes its shard (with `state` beside the step in the client state); Ray
+    merges the ranks' files into one checkpoint."""
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory(prefix="vlit-ckpt-") as path:
-        strategy.save_checkpoint(path, client_state={"step": step})
+        strategy.save_checkpoint(path, client_state={**(state or {}), "step": step})
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(path), checkpoint_dir_name=f"step-{step:07d}")
+
+
+def audited(metrics: dict, meter: StepMeter, tasks: list[str]) -> dict:
+    """A checkpoint's metrics with the run's supervised tokens per task so far."""
+    return {**metrics, **{f"{AUDIT_PREFIX}{t}": n for t, n in zip(tasks, meter.supervised)}}
 
 
 def train_loop(config: dict) -> None:
@@ -141,9 +159,11 @@ def train_loop(config: dict) -> None:
     strategy.setup_distributed()
     model, _ = load_initial_model(cfg)
     engine = strategy.prepare(model, total_steps=config["total_steps"])
-    step = resume(strategy)
+    state = resume_state(strategy)
+    step = state.get("step", 0)
     logger = tracking.StepLogger(config["mlflow"]) if strategy.rank == 0 else None
     meter = StepMeter(len(tasks), strategy.device)
+    meter.supervised = state.get("supervised", meter.supervised)
     metrics, saved = None, step
     dtype = torch.bfloat16 if config["deepspeed"]["bf16"]["enabled"] else torch.float32
     for batch in micro_batches(train, step * train.grad_accum, dtype, strategy.device):
@@ -163,12 +183,12 @@ def train_loop(config: dict) -> None:
             if report_due:
                 logger.flush()
         if step % train.checkpoint_every == 0:
-            save_and_report(strategy, metrics, step)
+            save_and_report(strategy, audited(metrics, meter, tasks), step, {"supervised": meter.supervised})
             saved = step
         elif report_due:
             ray.train.report(metrics)
     if metrics is not None and saved != step:
-        save_and_report(strategy, metrics, step)
+        save_and_report(strategy, audited(metrics, meter, tasks), step, {"supervised": meter.supervised})
     if logger:
         logger.close()
 
@@ -186,24 +206,57 @@ def total_steps(cfg: Config, version) -> int:
     return max(1, math.ceil(train.epochs * rows / (train.num_workers * train.micro_batch_size * train.grad_accum)))
 
 
-def build_trainer(cfg: Config, version, loop_config: dict):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def run_quarantine(cfg: Config) -> str:
+    """Where this stage's stream quarantines rows: `corpus.stream.quarantine` when set,
+    else the run's own <train.output>/quarantine, so its audit counts only its rows."""
+    return cfg.corpus.stream.quarantine or storage.join(cfg.train.output, "quarantine")
 
+
+def supervision_audit(cfg: Config, metrics: dict, tasks: list[str]) -> dict:
+    """What the loss saw: supervised tokens per task over the run, and the rows it never
+    saw. A row with zero supervised tokens is never trained on (`encode_row` rejects it),
+    so those rows are the stream's `no_supervised_tokens` quarantine."""
+    from vlit.corpus.stream import quarantine_reasons
+
+    quarantined = quarantine_reasons(run_quarantine(cfg))
+    return {
+        "supervised_tokens": {t: int(metrics.get(f"{AUDIT_PREFIX}{t}", 0)) for t in tasks},
+        "zero_supervised_rows": quarantined.get("no_supervised_tokens", 0),
+        "quarantined": quarantined,
+        "quarantine": run_quarantine(cfg),
+    }
+
+
+def build_trainer(cfg: Config, version, loop_config: dict):
     from vlit.corpus.stream import build_stream, quarantine_uri
     from vlit.corpus.template_text import template_text
     from vlit.model.packing import SFTTransform
 
     train = cfg.train
+    corpus = cfg.corpus.model_copy(update={"stream": cfg.corpus.stream.model_copy(update={"quarantine": run_quarantine(cfg)})})
     templates = template_text(version, cfg.loss) if cfg.loss.target == "l2t" else None
     transform = functools.partial(SFTTransform, cfg.model, cfg.loss, train, template_text=templates,
-                                  quarantine=quarantine_uri(version, cfg.corpus), epoch=0)
-    dataset = build_stream(version, cfg.corpus, epoch=0, transform=transform)
+                                  quarantine=quarantine_uri(version, corpus), epoch=0)
+    dataset = build_stream(version, corpus, epoch=0, transform=transform)
+    if train.materialize:
+        # In the streaming order, so a materialized run trains on the same batches.
+        dataset.context.execution_options.preserve_order = True
+        dataset = dataset.materialize()
+    return torch_trainer(cfg, train_loop, loop_config, dataset)
+
+
+def torch_trainer(cfg: Config, loop, loop_config: dict, dataset):
+    """The TorchTrainer of a training stage (SFT, DPO): `train.num_workers` workers running
+    `loop(loop_config)` on `dataset`, checkpoints and retries under <train.output>/ray."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = cfg.train
     # Deterministic order into each worker's shard, so a resumed run sees the same batches.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     return TorchTrainer(
-        train_loop,
+        loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
         run_config=RunConfig(
@@ -240,8 +293,11 @@ def run_sft(cfg: Config, version) -> dict:
     export = storage.join(cfg.train.output, "export")
     with result.checkpoint.as_directory() as path:
         export_checkpoint(cfg, path, export)
+    audit = supervision_audit(cfg, result.metrics, loop_config["tasks"])
+    tracking.log_audit(run, audit)
     summary = {"export": export, "checkpoint": result.checkpoint.path, "steps": result.metrics.get("step"),
                "loss": result.metrics.get("loss"), "tokens_per_s": result.metrics.get("tokens_per_s"),
-               "mlflow_run_id": run["run_id"], "corpus": version.uri, "digest": version.digest}
+               "mlflow_run_id": run["run_id"], "corpus": version.uri, "digest": version.digest,
+               "zero_supervised_rows": audit["zero_supervised_rows"], "quarantined": audit["quarantined"]}
     tracking.finish_run(run, summary)
     return summary

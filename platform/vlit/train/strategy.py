@@ -132,13 +132,18 @@ class EveryRankVision(nn.Module):
         size = config.vision_config.image_size
         self.register_buffer("blank_image", torch.zeros(1, 3, size, size), persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, repeat_images: int = 1):
+        """`repeat_images=k`: the batch is k groups of sequences that hold the same images in
+        the same order (DPO: the chosen responses, then the rejected ones); each image is
+        encoded once and its features fill its place in all k groups."""
         has_images = pixel_values is not None and len(pixel_values) > 0
         embeds = self.model.get_input_embeddings()(input_ids)
         features = torch.cat(self.model.get_image_features(
             pixel_values=pixel_values.to(self.blank_image.dtype) if has_images else self.blank_image,
             vision_feature_layer=self.feature_layer, vision_feature_select_strategy=self.select_strategy,
         ).pooler_output)
+        if has_images and repeat_images > 1:
+            features = features.repeat(repeat_images, 1)
         if has_images:
             at_images = input_ids == self.image_token_id
             if int(at_images.sum()) != features.shape[0]:

@@ -52,7 +52,20 @@ def start_run(cfg: Config, version) -> dict:
     from mlflow.entities import Param
 
     client.log_batch(run.info.run_id, params=[Param(_UNSAFE.sub("_", k), str(v)) for k, v in sorted(params.items())])
+    client.log_inputs(run.info.run_id, datasets=[dataset_input("corpus", version.digest, version.uri)])
     return {"uri": uri, "run_id": run.info.run_id}
+
+
+def dataset_input(name: str, digest: str, uri: str, context: str = "training"):
+    """An MLflow dataset input naming a vlit dataset version by its content digest: the
+    first link of the lineage from data to checkpoint."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source_type = "s3" if uri.startswith("s3://") else "local"
+    dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": uri}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
 class StepLogger:
@@ -81,9 +94,48 @@ class StepLogger:
         mlflow.flush_async_logging()
 
 
+def log_audit(run: dict, audit: dict) -> None:
+    """The stage's supervision audit: `supervision_audit.json` plus its counts as metrics."""
+    client = _client(run["uri"])
+    client.log_dict(run["run_id"], audit, "supervision_audit.json")
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    counts = {"audit/zero_supervised_rows": audit["zero_supervised_rows"],
+              **{f"audit/quarantined/{k}": v for k, v in audit["quarantined"].items()},
+              **{f"audit/supervised_tokens/{k}": v for k, v in audit["supervised_tokens"].items()}}
+    client.log_batch(run["run_id"], metrics=[Metric(_UNSAFE.sub("_", k), float(v), now, 0) for k, v in counts.items()])
+
+
 def finish_run(run: dict, summary: dict) -> None:
     """Close the stage's run with where its export and checkpoint are."""
     client = _client(run["uri"])
     for key in ("export", "checkpoint", "corpus"):
         client.set_tag(run["run_id"], f"vlit.{key}", str(summary[key]))
     client.set_terminated(run["run_id"])
+
+
+# ---- evaluation (vlit/evaluate): results and eval-set lineage on a stage's run, promotion
+
+def log_eval(run: dict, metrics: dict | None = None, *, step: int = 0, texts: dict | None = None,
+             tags: dict | None = None, datasets: list[dict] | None = None) -> None:
+    """Evaluation results on `run`: metrics at `step`, text artifacts (path -> text), tags,
+    and the evaluation sets as MLflow dataset inputs ({name, digest, source}), so the run
+    names the exact questions it was scored on."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunTag
+
+    client = _client(run["uri"])
+    now = int(time.time() * 1000)
+    client.log_batch(run["run_id"], metrics=[Metric(_UNSAFE.sub("_", k), float(v), now, step) for k, v in (metrics or {}).items()],
+                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+    for path, text in (texts or {}).items():
+        client.log_text(run["run_id"], text, path)
+    if datasets:
+        context = [InputTag("mlflow.data.context", "eval")]
+        client.log_inputs(run["run_id"], [DatasetInput(Dataset(d["name"], d["digest"], "vlit-eval", d["source"]), context)
+                                          for d in datasets])
+
+
+def set_model_alias(uri: str, name: str, version, alias: str) -> None:
+    """Point registered model `name`'s `alias` at `version` (promotion)."""
+    _client(uri).set_registered_model_alias(name, alias, str(version))

@@ -1,0 +1,1 @@
+"""Synthetic data loops: preference pairs (VLFeedback), and the data that feeds them."""

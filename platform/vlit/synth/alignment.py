@@ -1,0 +1,80 @@
+"""The stage-2 alignment set (Vision-Flan's stage 2): `size` examples chosen from generated
+data by judge score, balanced over tasks.
+
+Candidates come from synthetic dataset versions (self-instruct rows, VIGC rows) in the
+Vision-Flan release shape {id, image, task_name, conversations}. The judge rates each
+first answer; the score is the mean of its rated aspects (a candidate with none rated is
+quarantined). Selection takes tasks in turn, each giving its best remaining candidate,
+until `size` (so small tasks are used up and large ones share the rest). The version
+holds rows.parquet and annotation.json in the release format for `vlit corpus prepare`.
+"""
+from __future__ import annotations
+
+import json
+
+from vlit.config import AlignmentConfig
+from vlit.corpus.schema import IMAGE_TOKEN
+from vlit.synth.dataset import SynthVersion, quarantine_row, serve_calls, write_version
+
+
+def as_vision_flan(row: dict) -> dict:
+    """A generated row in the release shape (VIGC rows keep the corrected answer)."""
+    if "conversations" in row and row.get("task_name"):
+        return {"id": row["id"], "image": row["image"], "task_name": row["task_name"],
+                "conversations": [{"from": t["from"], "value": t["value"]} for t in row["conversations"]]}
+    answer = row.get("vic_answer") or row["vig_answer"]
+    return {"id": row["id"], "image": row["image"], "task_name": f"vigc_{row['type']}",
+            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{row['question']}"},
+                              {"from": "gpt", "value": answer}]}
+
+
+def select_balanced(scored: list[dict], size: int) -> list[dict]:
+    """Round-robin over tasks (sorted names), best score first in each (ties by id)."""
+    by_task: dict[str, list[dict]] = {}
+    for r in scored:
+        by_task.setdefault(r["task_name"], []).append(r)
+    queues = [sorted(rows, key=lambda r: (-r["score"], r["id"])) for _, rows in sorted(by_task.items())]
+    chosen, depth = [], 0
+    while len(chosen) < size and any(depth < len(q) for q in queues):
+        for q in queues:
+            if depth < len(q) and len(chosen) < size:
+                chosen.append(q[depth])
+        depth += 1
+    return chosen
+
+
+def build_alignment_set(cfg: AlignmentConfig, sources: list[str], out_root: str, app_name: str = "vlit") -> dict:
+    """Judge-score the rows of synthetic dataset versions `sources` and select the
+    alignment set into OUT_ROOT/<digest>/ (rows.parquet + annotation.json)."""
+    candidates = [as_vision_flan(r) for uri in sources for r in SynthVersion.open(uri).rows()]
+    reqs = []
+    for c in candidates:
+        req = {"instruction": c["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip(),
+               "response": c["conversations"][1]["value"]}
+        if c["image"]:
+            req["image"] = c["image"]
+        if cfg.judge:
+            req["model"] = cfg.judge
+        reqs.append(req)
+    scored, quarantine = [], []
+    for c, (result, error) in zip(candidates, serve_calls(reqs, method="judge", app_name=app_name)):
+        ratings = [s["rating"] for s in (result or {}).get("scores", {}).values()
+                   if s["status"] == "ok" and s.get("rating") is not None]
+        if not ratings:
+            quarantine.append(quarantine_row("unscored", error or "the judge rated no aspect", c["id"], json.dumps(c)))
+            continue
+        score = sum(ratings) / len(ratings)
+        if cfg.min_score is not None and score < cfg.min_score:
+            quarantine.append(quarantine_row("below_min_score", f"score {score:.3f} < {cfg.min_score}", c["id"],
+                                             json.dumps(c)))
+            continue
+        scored.append({**c, "score": score})
+    chosen = sorted(select_balanced(scored, cfg.size), key=lambda r: r["id"])
+    release = [{k: r[k] for k in ("id", "image", "task_name", "conversations")} for r in chosen]
+    summary = write_version(out_root, "alignment-set", chosen, quarantine,
+                            {**cfg.model_dump(mode="json"), "sources": sources},
+                            extra_files={"annotation.json": json.dumps(release, indent=1).encode()})
+    tasks: dict[str, int] = {}
+    for r in chosen:
+        tasks[r["task_name"]] = tasks.get(r["task_name"], 0) + 1
+    return {**summary, "candidates": len(candidates), "tasks": dict(sorted(tasks.items()))}

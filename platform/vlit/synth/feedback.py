@@ -1,0 +1,371 @@
+"""VLFeedback preference pairs: the pair rule, the released format, and pairs versions.
+
+The rule, as the released VLFeedback recipe builds pairs: the responses to one prompt
+(image + instruction) are rated by a judge on three aspects (`ASPECTS`); every two
+responses make a pair, the one with the higher mean rating chosen. Equal means are a tie
+and make no pair; a response with a rating that is not a number (or is missing) takes
+part in no pair. Means are compared exactly (ratings parse as fractions), so "4" and
+"4.0" tie and no float rounding invents an order. Ties and excluded responses are
+counted in the summary and stored, with their provenance, in excluded.parquet: nothing
+leaves silently.
+
+A pairs version (a folder, local or s3://), in the style of a corpus version:
+
+    DIR/pairs.parquet       one row per pair (PAIR_SCHEMA): prompt id, prompt, image URI,
+                            chosen/rejected responses, models, ratings, rationales, judge,
+                            source file and line
+    DIR/excluded.parquet    ties and unparseable responses (EXCLUDED_SCHEMA)
+    DIR/quarantine.parquet  input lines that are not VLFeedback rows (the corpus's schema)
+    DIR/summary.json        prompts, pairs, ties, unparseable, quarantined, digest, ...
+    DIR/manifest.json       written last: a folder without it is not a finished version
+
+The digest is a `TableDigest` of pairs.parquet: what DPO trains on, and the key of the
+reference log-prob cache (`vlit.train.reference`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import itertools
+import json
+import uuid
+from dataclasses import dataclass
+from fractions import Fraction
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import vlit
+from vlit import storage
+from vlit.corpus.images import ImageChecker
+from vlit.corpus.schema import QUARANTINE_SCHEMA
+from vlit.digest import TableDigest
+
+ASPECTS = ("Helpfulness", "Visual Faithfulness", "Ethical Considerations")
+# The judge id of ratings that came with released rows (the CLI's default).
+RELEASE_JUDGE = "vlfeedback-release"
+PAIRS, EXCLUDED, QUARANTINE, SUMMARY, MANIFEST = (
+    "pairs.parquet", "excluded.parquet", "quarantine.parquet", "summary.json", "manifest.json")
+SCHEMA_VERSION = 1
+FLUSH_PROMPTS = 4096  # prompts per image check and Parquet row group: bounded memory
+
+PAIR_SCHEMA = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),  # "<prompt id>:<chosen index>><rejected index>"
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("image", pa.string()),  # absolute URI; null for a text-only prompt
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string(), nullable=False),
+        pa.field("chosen_model", pa.string()),
+        pa.field("rejected_model", pa.string()),
+        pa.field("chosen_score", pa.float64(), nullable=False),  # mean of the ratings
+        pa.field("rejected_score", pa.float64(), nullable=False),
+        pa.field("chosen_ratings", pa.list_(pa.float64())),  # in ASPECTS order
+        pa.field("rejected_ratings", pa.list_(pa.float64())),
+        pa.field("chosen_rationales", pa.list_(pa.string())),
+        pa.field("rejected_rationales", pa.list_(pa.string())),
+        pa.field("judge", pa.string(), nullable=False),
+        # Provenance; also what the stream's quarantine names (`source#position`).
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("position", pa.int64(), nullable=False),  # 0-based line of the JSONL source
+    ],
+    metadata={"vlit.aspects": json.dumps(ASPECTS), "vlit.schema_version": str(SCHEMA_VERSION)},
+)
+
+EXCLUDED_SCHEMA = pa.schema(
+    [
+        pa.field("reason", pa.string(), nullable=False),  # "tie" | "unparseable_rating"
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("index", pa.int64(), nullable=False),  # the response's place in `completions`
+        pa.field("model", pa.string()),
+        pa.field("other_index", pa.int64()),  # a tie's other response
+        pa.field("other_model", pa.string()),
+        pa.field("score", pa.float64()),  # the tied mean; null when unparseable
+        pa.field("ratings", pa.list_(pa.string())),  # as the judge wrote them, ASPECTS order
+        pa.field("detail", pa.string()),
+        pa.field("judge", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("position", pa.int64(), nullable=False),
+    ]
+)
+
+
+class FeedbackError(ValueError):
+    """Input that cannot become a pairs version; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Response:
+    model: str | None
+    text: str | None
+    ratings: tuple  # raw values, ASPECTS order (None: the aspect is missing)
+    rationales: tuple
+
+
+def parse_rating(value) -> Fraction | None:
+    """A judge's rating as an exact number, or None when it is not one ("N/A", "", None)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return Fraction(str(value).strip())
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _unparseable(response: Response) -> str | None:
+    """Why a response takes part in no pair, or None."""
+    if not isinstance(response.text, str):
+        return "no response text"
+    bad = [f"{a}: {r!r}" for a, r in zip(ASPECTS, response.ratings) if parse_rating(r) is None]
+    return f"non-numeric rating ({'; '.join(bad)})" if bad else None
+
+
+def pair_prompt(responses: list[Response]):
+    """The pair rule for one prompt's responses.
+
+    Returns (scores, pairs, ties, unparseable): the mean rating of each response (None
+    when excluded), (chosen, rejected) index pairs, tied (i, j) index pairs, and the
+    indices of excluded responses. Pairs and ties come in the order i < j of the input.
+    """
+    scores = [None if _unparseable(r) else sum(parse_rating(x) for x in r.ratings) / len(ASPECTS)
+              for r in responses]
+    pairs, ties = [], []
+    for i, j in itertools.combinations([i for i, s in enumerate(scores) if s is not None], 2):
+        if scores[i] == scores[j]:
+            ties.append((i, j))
+        else:
+            pairs.append((i, j) if scores[i] > scores[j] else (j, i))
+    return scores, pairs, ties, [i for i, s in enumerate(scores) if s is None]
+
+
+def _response(completion) -> Response:
+    if not isinstance(completion, dict):
+        return Response(None, None, (None,) * len(ASPECTS), (None,) * len(ASPECTS))
+    notes = completion.get("annotations")
+    notes = notes if isinstance(notes, dict) else {}
+    aspect = [notes.get(a) if isinstance(notes.get(a), dict) else {} for a in ASPECTS]
+    return Response(completion.get("model"), completion.get("response"),
+                    tuple(a.get("Rating") for a in aspect), tuple(a.get("Rationale") for a in aspect))
+
+
+def _image_uri(img_path, root: str) -> str | None:
+    """A row's `img_path` under the image root; raises ValueError for paths leaving it."""
+    if img_path is None or img_path == "":
+        return None
+    if not isinstance(img_path, str) or img_path.startswith("/") or "://" in img_path or ".." in img_path.split("/"):
+        raise ValueError(f"img_path {img_path!r} is not a relative path under the image root")
+    return storage.join(root, img_path.removeprefix("./"))
+
+
+def _check_row(row, seen: set[str]) -> tuple[str, str] | None:
+    """(quarantine reason, detail) of a line that is not a usable VLFeedback row, or None."""
+    if not isinstance(row, dict):
+        return "unparseable", f"a JSON {type(row).__name__}, not an object"
+    missing = [k for k in ("id", "prompt", "completions") if row.get(k) in (None, "")]
+    if missing:
+        return "missing_fields", f"prompt id {row.get('id')!r}: missing {', '.join(missing)}"
+    if not isinstance(row["prompt"], str) or not isinstance(row["completions"], list):
+        return "missing_fields", f"prompt id {row['id']!r}: prompt must be a string and completions a list"
+    if str(row["id"]) in seen:
+        return "duplicate_key", f"prompt id {row['id']!r} appears again"
+    return None
+
+
+class _Writer:
+    """Builds one pairs version into `out`: rows to Parquet in bounded batches, counts,
+    the digest of the pairs table."""
+
+    def __init__(self, out: str, judge: str, image_threads: int):
+        self.out, self.judge = out, judge
+        self.images = ImageChecker("exists", image_threads)
+        self.digest = TableDigest({"kind": "vlfeedback-pairs", "schema_version": SCHEMA_VERSION})
+        self.pending: list[tuple] = []  # (row, image uri, source, position, line)
+        self.pairs, self.excluded, self.quarantine = [], [], []
+        self.seen_ids: set[str] = set()
+        self.counts = {"prompts": 0, "pairs": 0, "ties": 0, "unparseable": 0, "quarantined": 0,
+                       "prompts_without_pairs": 0}
+        self.completions: dict[int, int] = {}
+        fs, path = storage.filesystem(storage.join(out, PAIRS))
+        if not storage.is_s3(out):
+            storage.makedirs(out)
+        self.pair_file = pq.ParquetWriter(path, PAIR_SCHEMA, filesystem=fs, compression="zstd")
+
+    def reject(self, reason: str, detail: str, source: str, position: int, raw: str) -> None:
+        self.quarantine.append({"reason": reason, "detail": detail, "source_ref": f"{source}#{position}", "raw": raw})
+
+    def add(self, line: str, source: str, position: int, root: str) -> None:
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            return self.reject("unparseable", f"not JSON: {e}", source, position, line.strip())
+        problem = _check_row(row, self.seen_ids)
+        if problem:
+            return self.reject(*problem, source, position, line.strip())
+        self.seen_ids.add(str(row["id"]))
+        try:
+            image = _image_uri(row.get("img_path"), root)
+        except ValueError as e:
+            return self.reject("image_path_escapes_root", f"prompt id {row['id']!r}: {e}", source, position, line.strip())
+        self.pending.append((row, image, source, position, line))
+        if len(self.pending) >= FLUSH_PROMPTS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Check the pending prompts' images (one batched call), pair them, write the pairs."""
+        checked = self.images.check([image for _, image, *_ in self.pending if image])
+        for row, image, source, position, line in self.pending:
+            if image and checked[image]:
+                self.reject(checked[image], f"prompt id {row['id']!r}: {image}", source, position, line.strip())
+            else:
+                self._pair(row, image, source, position)
+        self.pending = []
+        if self.pairs:
+            table = pa.Table.from_pylist(self.pairs, schema=PAIR_SCHEMA)
+            self.pair_file.write_table(table)
+            self.digest.update(table)
+            self.pairs = []
+
+    def _pair(self, row: dict, image: str | None, source: str, position: int) -> None:
+        responses = [_response(c) for c in row["completions"]]
+        scores, pairs, ties, unparseable = pair_prompt(responses)
+        pid = str(row["id"])
+        self.counts["prompts"] += 1
+        self.counts["pairs"] += len(pairs)
+        self.counts["ties"] += len(ties)
+        self.counts["unparseable"] += len(unparseable)
+        self.counts["prompts_without_pairs"] += not pairs
+        self.completions[len(responses)] = self.completions.get(len(responses), 0) + 1
+        where = {"judge": self.judge, "source": source, "position": position}
+
+        def side(name: str, i: int) -> dict:
+            r = responses[i]
+            return {name: r.text, f"{name}_model": r.model, f"{name}_score": float(scores[i]),
+                    f"{name}_ratings": [float(parse_rating(x)) for x in r.ratings],
+                    f"{name}_rationales": [None if x is None else str(x) for x in r.rationales]}
+
+        for c, r in pairs:
+            self.pairs.append({"pair_id": f"{pid}:{c}>{r}", "prompt_id": pid, "prompt": row["prompt"], "image": image,
+                               **side("chosen", c), **side("rejected", r), **where})
+        for i, j in ties:
+            self.excluded.append({"reason": "tie", "prompt_id": pid, "index": i, "model": responses[i].model,
+                                  "other_index": j, "other_model": responses[j].model, "score": float(scores[i]),
+                                  "ratings": [str(x) for x in responses[i].ratings],
+                                  "detail": f"mean rating {float(scores[i]):g} for both", **where})
+        for i in unparseable:
+            self.excluded.append({"reason": "unparseable_rating", "prompt_id": pid, "index": i,
+                                  "model": responses[i].model, "other_index": None, "other_model": None,
+                                  "score": None, "ratings": [None if x is None else str(x) for x in responses[i].ratings],
+                                  "detail": _unparseable(responses[i]), **where})
+
+    def close(self, sources: list[str]) -> tuple[dict, dict]:
+        """Write the remaining files; return (summary, manifest). The caller writes the manifest."""
+        self.flush()
+        self.pair_file.close()
+        for name, rows, schema in ((EXCLUDED, self.excluded, EXCLUDED_SCHEMA),
+                                   (QUARANTINE, self.quarantine, QUARANTINE_SCHEMA)):
+            with storage.open_output(storage.join(self.out, name)) as f:
+                pq.write_table(pa.Table.from_pylist(rows, schema=schema), f, compression="zstd")
+        self.counts["quarantined"] = len(self.quarantine)
+        summary = {"digest": self.digest.hexdigest(), **self.counts, "judge": self.judge, "sources": sources,
+                   "completions_per_prompt": {str(k): v for k, v in sorted(self.completions.items())},
+                   "quarantine_reasons": _count(r["reason"] for r in self.quarantine)}
+        storage.write_json(storage.join(self.out, SUMMARY), summary)
+        manifest = {"digest": summary["digest"], "rows": self.counts["pairs"], "prompts": self.counts["prompts"],
+                    "schema_version": SCHEMA_VERSION, "aspects": list(ASPECTS), "judge": self.judge,
+                    "sources": sources, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "vlit_version": vlit.__version__}
+        return summary, manifest
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _write_version(sources: list[str], out: str, image_root: str | None, judge: str,
+                   image_threads: int) -> tuple[dict, dict]:
+    files = []
+    for src in sources:
+        try:
+            files += storage.list_files(src, (".jsonl",))
+        except FileNotFoundError:
+            raise FeedbackError(f"feedback source not found: {src}") from None
+    if not files:
+        raise FeedbackError(f"no .jsonl files under {', '.join(sources)}")
+    writer = _Writer(out, judge, image_threads)
+    for source in files:
+        root = storage.normalize(image_root) if image_root else storage.parent(source)
+        with storage.open_input(source) as raw:
+            for position, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8")):
+                if line.strip():
+                    writer.add(line, source, position, root)
+    return writer.close(files)
+
+
+def build_pairs(sources: list[str], out: str, image_root: str | None = None, judge: str = RELEASE_JUDGE,
+                image_threads: int = 16) -> dict:
+    """VLFeedback-format JSONL (files or folders) -> a pairs version in `out`; the summary.
+
+    Relative `img_path`s resolve against `image_root`, else each source file's folder.
+    An earlier version in `out` stops counting as finished (its manifest goes first).
+    """
+    manifest_uri = storage.join(out, MANIFEST)
+    if storage.exists(manifest_uri):
+        fs, path = storage.filesystem(manifest_uri)
+        fs.delete_file(path)
+    summary, manifest = _write_version(sources, out, image_root, judge, image_threads)
+    storage.write_json(manifest_uri, manifest)
+    return {**summary, "version": storage.normalize(out)}
+
+
+def pairs_version(sources: list[str], root: str, image_root: str | None = None, judge: str = RELEASE_JUDGE) -> dict:
+    """Build pairs into ROOT/<digest>/ (content-addressed, like corpus versions): built in
+    ROOT/_staging/ and moved; an existing finished version of the same digest is reused."""
+    staging = storage.join(root, "_staging", uuid.uuid4().hex[:12])
+    try:
+        summary, manifest = _write_version(sources, staging, image_root, judge, 16)
+    except BaseException:
+        storage.delete_dir(staging)
+        raise
+    final = storage.join(root, summary["digest"])
+    reused = storage.exists(storage.join(final, MANIFEST))
+    if reused:
+        storage.delete_dir(staging)
+    else:
+        storage.delete_dir(final)  # an earlier move that never got its manifest
+        storage.move_dir(staging, final)
+        storage.write_json(storage.join(final, MANIFEST), manifest)
+    return {**summary, "version": final, "reused": reused}
+
+
+@dataclass(frozen=True)
+class PairsVersion:
+    uri: str
+    manifest: dict
+
+    @classmethod
+    def open(cls, uri: str) -> "PairsVersion":
+        uri = storage.normalize(uri)
+        if not storage.exists(storage.join(uri, MANIFEST)):
+            raise FileNotFoundError(f"{uri} is not a finished pairs version: {MANIFEST} is missing "
+                                    "(build one with `vlit feedback pairs INPUT --out DIR`)")
+        return cls(uri, storage.read_json(storage.join(uri, MANIFEST)))
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["digest"]
+
+    @property
+    def rows(self) -> int:
+        return self.manifest["rows"]
+
+    @property
+    def pairs_uri(self) -> str:
+        return storage.join(self.uri, PAIRS)
+
+    def read_table(self, name: str = PAIRS) -> pa.Table:
+        with storage.open_input(storage.join(self.uri, name)) as f:
+            return pq.read_table(pa.BufferReader(f.read()))

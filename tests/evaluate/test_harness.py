@@ -1,0 +1,96 @@
+"""run_eval end to end on the untrained tiny model with a real MLflow store: metrics,
+artifacts, eval-set lineage, forgetting deltas, gates that stop a stage with the reason,
+promotion by registered-model alias, and the `vlit eval` command."""
+import json
+
+import pytest
+
+from vlit.cli import main
+from vlit.config import ConfigError, load_config
+from vlit.evaluate.gates import GateFailed, gate_and_promote
+from vlit.evaluate.harness import build_eval_sets, run_eval
+from vlit.evaluate.report import log_comparison
+from vlit.train import tracking
+
+SMALL = ["eval.images=3", "eval.image_size=32", "eval.intro=false", "eval.batch_size=8"]
+
+
+@pytest.fixture()
+def cfg(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return load_config("configs/demo.yaml", [f"run.workdir={tmp_path}/work", f"corpus.out={tmp_path}/corpora",
+                                             f"eval.out={tmp_path}/evals", *SMALL])
+
+
+def _client(cfg):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+
+
+def _new_run(cfg):
+    import os
+
+    os.makedirs(cfg.run.workdir, exist_ok=True)
+    client = _client(cfg)
+    experiment = client.create_experiment("eval-test")
+    return client, client.create_run(experiment).info.run_id
+
+
+def test_run_eval_logs_metrics_lineage_and_gates_promote(cfg, tmp_path):
+    client, run_id = _new_run(cfg)
+    sets = build_eval_sets(cfg)
+    assert sorted(sets) == ["circular", "forgetting", "mme", "pope"]
+    base = run_eval(cfg, None, sets, stage="base")
+    after = run_eval(cfg, None, sets, stage="stage1", run_id=run_id, baseline=base)
+    # The untrained model answers the same whatever the image: chance-level, never circular.
+    assert base["mme.acc"] == 0.5 and base["mme.acc_plus"] == 0.0 and base["circular.accuracy"] == 0.0
+    assert {"pope.random.f1", "pope.popular.f1", "pope.adversarial.f1", "forgetting.color.accuracy"} <= set(base)
+    assert after["forgetting.min_delta"] == 0.0 and after["forgetting.color.delta"] == 0.0  # same model
+
+    run = client.get_run(run_id)
+    assert run.data.metrics["mme.acc"] == 0.5 and run.data.metrics["forgetting.min_delta"] == 0.0
+    assert run.data.tags["vlit.eval.mme.digest"] == sets["mme"].digest
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert inputs == {f"vlit-eval-{s}": es.digest for s, es in sets.items()}
+    artifacts = {a.path for a in client.list_artifacts(run_id, "eval/stage1")}
+    assert {"eval/stage1/metrics.json", "eval/stage1/predictions-pope.jsonl"} <= artifacts
+
+    # Gates: a failing gate stops the stage with the metric, its value and threshold, and
+    # promotes nothing; passing gates move the alias to the model version.
+    client.create_registered_model("tiny")
+    version = client.create_model_version("tiny", source=str(tmp_path), run_id=run_id).version
+    uri = tracking.tracking_uri(cfg)
+    with pytest.raises(GateFailed) as err:
+        gate_and_promote(uri, after, {"mme.acc": 0.9, "pope.random.recall": 0.5}, stage="stage1",
+                         model_name="tiny", version=version, alias="champion", run_id=run_id)
+    assert err.value.reasons == ["mme.acc = 0.5000 is below its threshold 0.9"]
+    assert client.get_registered_model("tiny").aliases == {}
+    assert client.get_run(run_id).data.tags["vlit.gate"] == "failed"
+    gate_and_promote(uri, after, {"mme.acc": 0.5}, stage="stage1", model_name="tiny", version=version,
+                     alias="champion", run_id=run_id)
+    assert client.get_model_version_by_alias("tiny", "champion").version == version
+    assert client.get_run(run_id).data.tags["vlit.gate"] == "passed"
+
+    table = log_comparison(uri, run_id, {"base": base, "stage1": after})
+    assert "mme.acc" in table and json.loads(open(client.download_artifacts(run_id, "eval/comparison.json")).read())["base"] == base
+
+
+def test_eval_section_is_required_and_validated(cfg):
+    with pytest.raises(ConfigError, match="eval section"):
+        run_eval(cfg.model_copy(update={"eval": None}), None)
+    with pytest.raises(ConfigError, match="eval.first_image 3 lies inside the training pool"):
+        load_config("configs/demo.yaml", ["eval.out=/x", "eval.first_image=3"])
+    with pytest.raises(ConfigError, match="no suite 'mmx'"):
+        load_config("configs/demo.yaml", ["eval.out=/x", "eval.gates={mmx.acc: 0.5}"])
+
+
+def test_cli_sets_and_gate_exit_code(cfg, tmp_path, capsys):
+    args = ["configs/demo.yaml", f"run.workdir={tmp_path}/work", f"eval.out={tmp_path}/evals", *SMALL,
+            "eval.suites=[mme]"]
+    assert main(["eval", "sets", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["mme"]["rows"] == 3 * 4 * 2
+    assert main(["eval", "run", *args, "eval.gates={mme.acc: 0.5}", "--gate"]) == 0
+    assert json.loads(capsys.readouterr().out)["mme.acc"] == 0.5
+    assert main(["eval", "run", *args, "eval.gates={mme.acc_plus: 0.5}", "--gate"]) == 3
+    assert "mme.acc_plus = 0.0000 is below its threshold 0.5" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""The synthetic loops end to end through one real Serve application on loopback: the
+VLFeedback loop (tiny LLaVA + a scripted generator, tiny judge), VIGC (scripted VIG
+replies, a scripted corrector), self-instruct and the alignment set; each writes a
+versioned dataset. Serve starts once for the module."""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+pytestmark = pytest.mark.timeout(420)
+
+QA = "Question: What shapes are in the image?\nAnswer: There are two shapes."
+MALFORMED = "The image shows some shapes."
+CORRECTED = "There is a red circle. It is on the left. Nothing else is there."
+DIALOGUE = json.dumps([{"User": "What color is the circle?", "AI": "The circle is red."},
+                       {"User": "Is there a dog?", "AI": "No, there is no dog in the image."}])
+SAYS = json.dumps([{"User": "What is shown?", "AI": "The description says there is a circle."}])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from vlit.config import PrepareConfig, ServeConfig
+    from vlit.corpus.prepare import prepare_corpus
+    from vlit.corpus.synth import synth_corpus
+    from vlit.serve.app import start
+
+    base = tmp_path_factory.mktemp("loops")
+    synth = synth_corpus(str(base / "src"), instances=40, tasks=4, image_pool=8, image_size=32)
+    corpus = prepare_corpus(PrepareConfig(sources=[synth["annotation"]]), str(base / "versions"))["version"]
+    tiny = {"kind": "hf", "model": {"preset": "tiny", "max_len": 2048}, "threads": 1}
+    small = {"num_cpus": 0.1, "max_ongoing_requests": 64, "batch": {"max_batch_size": 16}}
+    cfg = ServeConfig.model_validate({
+        "app_name": "loops",
+        "http": {"host": "127.0.0.1", "port": free_port()},
+        "images": {"uri_roots": [str(base)]},
+        "generators": {
+            "tiny": {"backend": tiny, "max_new_tokens": 16,
+                     "deployment": {"num_cpus": 0.25, "max_ongoing_requests": 64, "batch": {"max_batch_size": 16}}},
+            "vig": {"backend": {"kind": "reference", "replies": [QA, MALFORMED]}, "deployment": small},
+            "vic": {"backend": {"kind": "reference", "replies": [CORRECTED]}, "deployment": small},
+            "si": {"backend": {"kind": "reference", "replies": [DIALOGUE, MALFORMED, SAYS]}, "deployment": small},
+        },
+        "judges": {"tiny": {"backend": tiny, "mode": "logprob",
+                            "deployment": {"num_cpus": 0.25, "max_ongoing_requests": 64,
+                                           "batch": {"max_batch_size": 32}}}},
+    })
+    start(cfg)
+    yield {"corpus": corpus, "base": base, "synth": synth, "app": "loops"}
+    serve.delete("loops")
+
+
+def test_feedback_loop_makes_a_pairs_version(world):
+    from vlit.config import FeedbackLoopConfig
+    from vlit.synth.feedback import PairsVersion
+    from vlit.synth.feedback_loop import feedback_pairs
+
+    cfg = FeedbackLoopConfig(prompts=3, responses=4, generators=["tiny", "vig"], max_tokens=8)
+    out = world["base"] / "feedback"
+    summary = feedback_pairs(cfg, world["corpus"], str(out), app_name=world["app"])
+    assert summary["prompts"] == 3 and summary["responses"] == 12 and not summary["generation_errors"]
+    rows = [json.loads(line) for line in open(summary["responses_file"])]
+    assert [len(r["completions"]) for r in rows] == [4, 4, 4]
+    assert {c["model"] for r in rows for c in r["completions"]} == {"tiny", "vig"}
+    # Every aspect rated by the tiny judge (logprob: a number per aspect).
+    assert all(float(a["Rating"]) for r in rows for c in r["completions"] for a in c["annotations"].values())
+    # Every two of a prompt's 4 rated responses pair up or tie (6 = 4 choose 2).
+    assert summary["pairs"] + summary["ties"] == 3 * 6 and summary["unparseable"] == 0
+    version = PairsVersion.open(summary["version"])
+    pairs = version.read_table().to_pylist()
+    assert len(pairs) == summary["pairs"] and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    assert all(p["image"].startswith(str(world["base"])) for p in pairs)
+    again = feedback_pairs(cfg, world["corpus"], str(out), app_name=world["app"])
+    assert again["version"] == summary["version"] or again["digest"] != summary["digest"]
+
+
+def test_vigc_generates_corrects_and_quarantines(world):
+    from vlit.config import VIGCConfig
+    from vlit.synth.dataset import SynthVersion
+    from vlit.synth.vigc import vigc_dataset
+
+    cfg = VIGCConfig(images=2, types=["conversation", "complex_reasoning"], generator="vig", corrector="vic",
+                     samples=2, rounds=6)
+    summary = vigc_dataset(cfg, world["corpus"], str(world["base"] / "vigc"), app_name=world["app"])
+    version = SynthVersion.open(summary["version"])
+    rows = version.rows()
+    assert len(rows) == 4 and summary["quarantined"] == 4
+    assert summary["quarantine_reasons"] == {"not_question_answer": 4}
+    for r in rows:
+        assert r["question"] == "What shapes are in the image?" and r["vig_answer"] == "There are two shapes."
+        assert r["vic_answer"] == CORRECTED and r["vic_rounds"] == 4 and r["vic_stop"] == "end"
+        assert r["vig_model"] == "vig" and r["vic_model"] == "vic" and r["image"]
+    quarantine = version.read_table("quarantine.parquet").to_pylist()
+    assert all(q["raw"] == MALFORMED for q in quarantine)
+
+
+def test_self_instruct_parses_dialogues_and_quarantines_the_rest(world):
+    from vlit.config import SelfInstructConfig
+    from vlit.synth.dataset import SynthVersion
+    from vlit.synth.self_instruct import self_instruct, synth_annotations
+
+    anns = synth_annotations(world["synth"]["out"] if "out" in world["synth"] else str(world["base"] / "src"), 0, 2)
+    cfg = SelfInstructConfig(images=2, generator="si", samples=3)
+    summary = self_instruct(anns, cfg, str(world["base"] / "self-instruct"), app_name=world["app"])
+    rows = SynthVersion.open(summary["version"]).rows()
+    assert len(rows) == 2 and summary["quarantine_reasons"] == {"mentions_description": 2, "not_json": 2}
+    assert rows[0]["conversations"][0]["value"].startswith("<image>\nWhat color")
+    assert rows[0]["task_name"] == "self_instruct" and rows[0]["image"].endswith(".png")
+    world["si_version"] = summary["version"]
+
+
+def test_alignment_set_is_judged_balanced_and_in_release_format(world):
+    from vlit import storage
+    from vlit.config import AlignmentConfig, VIGCConfig
+    from vlit.synth.alignment import build_alignment_set
+    from vlit.synth.vigc import vigc_dataset
+
+    vigc = vigc_dataset(VIGCConfig(images=2, types=["conversation", "complex_reasoning"], generator="vig",
+                                   corrector="vic", samples=1, rounds=4),
+                        world["corpus"], str(world["base"] / "vigc2"), app_name=world["app"])
+    summary = build_alignment_set(AlignmentConfig(size=5), [vigc["version"], world["si_version"]],
+                                  str(world["base"] / "alignment"), app_name=world["app"])
+    assert summary["candidates"] == 6 and summary["rows"] == 5
+    # Three tasks with 2 candidates each: round robin gives 2, 2, 1.
+    assert sorted(summary["tasks"].values()) == [1, 2, 2]
+    release = storage.read_json(storage.join(summary["version"], "annotation.json"))
+    assert len(release) == 5 and all(set(r) == {"id", "image", "task_name", "conversations"} for r in release)
