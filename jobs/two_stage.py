@@ -5,7 +5,7 @@
 import sys
 
 from vlit.cli import job_main
-from vlit.pipeline import run
+from vlit.two_stage import run
 
 if __name__ == "__main__":
     sys.exit(job_main("two_stage", __doc__.split("\n")[0], run))

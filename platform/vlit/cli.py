@@ -11,6 +11,7 @@
     vlit cluster sync [FILE ...] [--root DIR]
     vlit eval sets FILE [key=value ...]
     vlit eval run FILE [--model URI] [--stage S] [--run-id ID] [--baseline JSON] [--gate] [key=value ...]
+    vlit lineage MODEL[@ALIAS | /VERSION] [--tracking-uri URI] [--json]
 """
 from __future__ import annotations
 
@@ -37,11 +38,20 @@ def job_main(name: str, description: str, stage) -> int:
     except ConfigError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
+    from vlit.corpus.prepare import PrepareError
+    from vlit.evaluate.gates import GateFailed
+
     try:
         summary = stage(cfg)
     except ConfigError as e:  # a stage that finds its section missing or inconsistent
         print(f"{name}: {e}", file=sys.stderr)
         return 2
+    except PrepareError as e:  # data a stage cannot use: the message names the file and the rows
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    except GateFailed as e:  # the job stops; the reasons are on the stage's MLflow run too
+        print(f"{name}: {e}", file=sys.stderr)
+        return 3
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -195,6 +205,26 @@ def _cluster_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lineage(args: argparse.Namespace) -> int:
+    import os
+
+    from vlit import lineage
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///.vlit/mlflow.db"
+    try:
+        chain = lineage.chain(uri, args.model)
+    except LookupError as e:
+        print(f"vlit lineage: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the registry's own errors: unknown alias or version
+        if type(e).__name__ != "MlflowException":
+            raise
+        print(f"vlit lineage: {args.model}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(chain, indent=2) if args.json else lineage.format_chain(chain), end="" if not args.json else "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlit", description=__doc__.split("\n")[0])
     top = parser.add_subparsers(dest="group", required=True)
@@ -257,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", default=None, help="metrics JSON of the model before the stage (forgetting deltas)")
     e.add_argument("--gate", action="store_true", help="exit 3 when a gate in eval.gates fails")
     e.set_defaults(func=_eval_run)
+
+    g = top.add_parser("lineage", help="a registered model version's chain: run, checkpoint, input datasets, sources")
+    g.add_argument("model", help="NAME (latest version), NAME@ALIAS or NAME/VERSION")
+    g.add_argument("--tracking-uri", default=None,
+                   help="default: MLFLOW_TRACKING_URI, else the demo's sqlite:///.vlit/mlflow.db")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=_lineage)
 
     c = top.add_parser("config", help="configs").add_subparsers(dest="cmd", required=True)
     k = c.add_parser("check", help="validate a config file with overrides and print it resolved")

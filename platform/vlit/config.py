@@ -191,6 +191,11 @@ class FeedbackLoopConfig(_Strict):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     max_tokens: int = Field(default=64, ge=1)
     send_reference: bool = False  # send the corpus answer (for `reference` backends)
+    # The aspects the judge rates. VLFeedback pairs need all three; a judge that cannot
+    # rate one (the `reference` judge and ethics) is asked for the others only, and its
+    # responses then score for selection (the alignment set) but make no pairs.
+    aspects: list[Literal["helpfulness", "visual_faithfulness", "ethical_considerations"]] = Field(
+        default_factory=lambda: ["helpfulness", "visual_faithfulness", "ethical_considerations"], min_length=1)
     seed: int = 0
 
 
@@ -324,6 +329,38 @@ class EvalConfig(_Strict):
         return self
 
 
+# ---- The two-stage job (vlit/two_stage.py) ------------------------------------------------
+
+PIPELINE_STAGES = ("sft1", "align", "sft2", "dpo")
+
+
+class PipelineConfig(_Strict):
+    """The two-stage job: corpus -> sft1 -> align -> sft2 -> dpo -> eval, each stage keyed by
+    a hash of its inputs' digests and its settings, its outputs under OUT/<stage>-<key>/,
+    and a ledger entry OUT/ledger/<stage>-<key>.json written when it finishes (a re-run
+    skips it)."""
+
+    out: str
+    # The training and data stages to run, in the job's order; the corpus is always
+    # prepared, evaluation runs when the config has an eval section.
+    stages: list[Literal["sft1", "align", "sft2", "dpo"]] = Field(default_factory=lambda: ["sft1", "align", "sft2"])
+    # Registered models are named <model_name>-<stage>; None: run.name.
+    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # Per stage, dotted overrides of this config applied for that stage only, as on the
+    # command line: {sft2: {train.lr: 2.0e-5, train.materialize: true}}.
+    overrides: dict[Literal["sft1", "align", "sft2", "dpo"], dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _order(self) -> "PipelineConfig":
+        order = [s for s in PIPELINE_STAGES if s in self.stages]
+        if order != self.stages:
+            raise ValueError(f"pipeline.stages must keep the job's order {list(PIPELINE_STAGES)} without repeats "
+                             f"(got {self.stages})")
+        if "sft2" in self.stages and "align" not in self.stages:
+            raise ValueError("pipeline.stages: sft2 trains on the align stage's set; add align")
+        return self
+
+
 # ---- Serve: generator pool and judges (vlit/serve) -------------------------------------
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # becomes part of a Serve deployment name
@@ -439,6 +476,10 @@ class HTTPConfig(_Strict):
     host: str = "127.0.0.1"  # loopback unless a deployment says otherwise (RayService: 0.0.0.0)
     port: int = Field(default=8000, ge=0, le=65535)
     request_timeout_s: float = Field(default=120.0, gt=0.0)  # the proxy's end-to-end limit
+    # The environment variable holding a bearer token that every HTTP request must carry
+    # (`Authorization: Bearer ...`, else 401). Read by the ingress replica when it starts;
+    # the token itself is in no config, log or param. None: no token asked.
+    token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class ServeConfig(_Strict):
@@ -476,6 +517,14 @@ class Config(_Strict):
     dpo: DPOConfig | None = None  # absent: no preference-optimization stage
     eval: EvalConfig | None = None  # absent: no evaluation or gates
     loops: LoopsConfig | None = None  # absent: no synthetic data loops
+    pipeline: PipelineConfig | None = None  # the two-stage job; absent: it prepares and streams only
+
+    @model_validator(mode="after")
+    def _stage_overrides_validate(self) -> "Config":
+        # Each stage's config must validate now, not when the job reaches that stage.
+        for stage in (self.pipeline.overrides if self.pipeline else {}):
+            stage_config(self, stage)
+        return self
 
     @field_validator("dpo")
     @classmethod
@@ -512,10 +561,28 @@ class Config(_Strict):
         return ev
 
 
+def stage_config(cfg: Config, stage: str, overrides: dict[str, Any] | None = None) -> Config:
+    """`cfg` as stage `stage` of the two-stage job sees it: `pipeline.overrides[stage]`,
+    then `overrides` (the job's own wiring: outputs, the previous stage's export)."""
+    pipe = cfg.pipeline.overrides.get(stage, {}) if cfg.pipeline else {}
+    data = cfg.model_dump(mode="json")
+    for key, value in {**pipe, **(overrides or {})}.items():
+        set_path(data, key, value, f"pipeline.overrides.{stage}.{key}")
+    if data.get("pipeline"):
+        data["pipeline"]["overrides"] = {}  # applied; a stage's config carries none
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"pipeline.overrides.{stage}: " + _format_errors(e)) from None
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if path == "<root>":  # a whole-config check (stage overrides): its message says it all
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
         got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
         lines.append(f"  {path}: {e['msg']}{got}")
     return "invalid config:\n" + "\n".join(lines)
@@ -527,19 +594,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        node = data
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
-                )
-            node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        set_path(data, key, yaml.safe_load(raw) if raw != "" else "", f"override {item!r}")
     return data
+
+
+def set_path(data: dict[str, Any], key: str, value: Any, what: str) -> None:
+    """data[a][b][c] = value for key "a.b.c", making missing sections; `what` names the
+    override in errors."""
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -15,11 +15,14 @@ import ray  # noqa: E402
 
 
 def init_ray(cfg: RayConfig, workdir: str = ".vlit") -> None:
-    """Join the configured cluster, or start an embedded one sized for this machine."""
+    """Join the configured cluster (or the job's, under `ray job submit`), or start an
+    embedded one sized for this machine."""
     if ray.is_initialized():
         return
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+    # A driver started by `ray job submit` finds its cluster in RAY_ADDRESS: join it.
+    address = cfg.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
         cores = os.cpu_count() or 2
         temp = os.path.abspath(os.path.join(workdir, "ray"))

@@ -11,17 +11,80 @@ import contextlib
 import functools
 import json
 import os
+import random
 import socket
+import time
 from dataclasses import dataclass
 from typing import IO, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-# Retry and time-out settings for object storage live here and nowhere else.
-S3_RETRY_ATTEMPTS = 8
+# Retry and time-out settings for object storage live here and nowhere else. One policy,
+# the AWS SDKs' "standard" mode (exponential back-off with jitter; throttling, 5xx and
+# connection errors retried), for pyarrow's client and any boto3 client alike.
+S3_RETRY_MODE = "standard"
+S3_RETRY_ATTEMPTS = 8  # attempts in all, the first included (the same count in both SDKs)
 S3_CONNECT_TIMEOUT_S = 10.0
 S3_REQUEST_TIMEOUT_S = 60.0
+
+
+def retry_settings() -> dict:
+    """The object-store retry policy as flat values, for jobs to log with their params."""
+    return {
+        "s3.retry_mode": S3_RETRY_MODE,
+        "s3.max_attempts": S3_RETRY_ATTEMPTS,
+        "s3.connect_timeout_s": S3_CONNECT_TIMEOUT_S,
+        "s3.request_timeout_s": S3_REQUEST_TIMEOUT_S,
+    }
+
+
+def botocore_config():
+    """The same policy for a boto3 client: `boto3.client("s3", config=botocore_config())`."""
+    from botocore.config import Config
+
+    return Config(
+        # total_max_attempts counts the first attempt, as pyarrow's max_attempts does
+        # (botocore's `max_attempts` would count retries only).
+        retries={"mode": S3_RETRY_MODE, "total_max_attempts": S3_RETRY_ATTEMPTS},
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_REQUEST_TIMEOUT_S,
+    )
+
+
+# Transient failures the AWS SDK gives up on at once, as INTERNAL_FAILURE. The one known:
+# a 503 SlowDown (or any error) answering a ranged GET smaller than its XML body. pyarrow
+# has the SDK write the body into the caller's buffer, sized to the range; the XML does not
+# fit, the stream turns bad and the status is lost ("Failed to flush response stream").
+# Small reads are common: a header check, the tail of a file, a one-byte peek.
+_UNRETRIED_TRANSIENT = ("Failed to flush response stream",)
+
+
+def retrying(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, retried under the policy above when it fails with an error
+    in _UNRETRIED_TRANSIENT: the same attempts, and the standard mode's back-off
+    (full jitter, doubling from 1 s, at most 20 s). `fn` must be safe to repeat."""
+    for attempt in range(1, S3_RETRY_ATTEMPTS + 1):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            if attempt == S3_RETRY_ATTEMPTS or not any(m in str(e) for m in _UNRETRIED_TRANSIENT):
+                raise
+        time.sleep(random.random() * min(2.0 ** (attempt - 1), 20.0))
+
+
+class _RetryingReads:
+    """A pyarrow input stream whose reads go through `retrying`. A failed read leaves the
+    position where it was (pyarrow advances it on success only), so repeating it is exact."""
+
+    _READS = frozenset({"read", "read1", "readinto", "read_at", "read_buffer"})
+
+    def __init__(self, f):
+        self._f = f
+
+    def __getattr__(self, name):
+        attr = getattr(self._f, name)
+        return functools.partial(retrying, attr) if name in self._READS else attr
 
 
 def is_s3(uri: str) -> bool:
@@ -48,20 +111,43 @@ def _s3(endpoint: str | None, region: str) -> pafs.S3FileSystem:
     )
 
 
+def _remove_dot_segments(path: str) -> str:
+    """`path` with `.` and `..` segments resolved (RFC 3986 5.2.4), `..` stopping at the top.
+
+    The S3 client does this to the request path before sending it, so `s3://b/../other/k`
+    reads bucket `other`: resolving here first makes the path we check the one fetched.
+    Empty segments stay (`a//b` and `a/b` are different keys); `%2e%2e` stays a literal
+    key name, which is how the client sends it (as `%252e%252e`).
+    """
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    return "/".join(out)
+
+
+def _s3_path(uri: str) -> str:
+    return _remove_dot_segments(uri[len("s3://"):]).rstrip("/")
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for `uri` and the path inside it."""
     if is_s3(uri):
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3(_endpoint(), region), uri[len("s3://"):].rstrip("/")
+        return _s3(_endpoint(), region), _s3_path(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
 def normalize(uri: str) -> str:
-    """Canonical spelling of a URI: s3:// kept, local paths made absolute."""
+    """Canonical spelling of a URI: s3:// kept, local paths made absolute; both with
+    `.` and `..` resolved, so it names what a read of it would fetch."""
     if is_s3(uri):
-        return "s3://" + uri[len("s3://"):].rstrip("/")
+        return "s3://" + _s3_path(uri)
     return filesystem(uri)[1]
 
 
@@ -92,7 +178,7 @@ def makedirs(uri: str) -> None:
 def open_input(uri: str) -> Iterator[IO[bytes]]:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
-        yield f
+        yield _RetryingReads(f) if is_s3(uri) else f
 
 
 @contextlib.contextmanager
@@ -160,7 +246,8 @@ def move_dir(src: str, dst: str) -> None:
     fs.delete_dir(src_path)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers started by tests and the demo)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -180,7 +267,7 @@ class LocalS3:
     def __enter__(self) -> "LocalS3":
         from moto.server import ThreadedMotoServer
 
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -195,7 +282,7 @@ class LocalS3:
         _s3.cache_clear()
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", config=botocore_config())
         for bucket in self.buckets:
             client.create_bucket(Bucket=bucket)
         return self

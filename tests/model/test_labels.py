@@ -1,5 +1,6 @@
 """Templates and label masks: vicuna_v1 and plain text, response-only and L2T masks
-(token by token, on real Vision-Flan rows), tokenization mismatches, too-long rows."""
+(token by token, on real Vision-Flan rows), tokenization mismatches (byte-level BPE and a
+LLaMA-style SentencePiece tokenizer), too-long rows."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,12 +8,13 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
+from llama_style import llama_style_processor, sample_texts
 from model_helpers import row, sample_version
 from vlit.config import LossConfig, ModelConfig
 from vlit.corpus.template_text import sentence_spans
 from vlit.model.build import tiny_processor
 from vlit.model.labels import IGNORE, encode_row, num_image_tokens
-from vlit.model.templates import VICUNA_SYSTEM, EncodeError
+from vlit.model.templates import VICUNA_SYSTEM, EncodeError, render
 
 VICUNA, PLAIN = ModelConfig(), ModelConfig(template="plain")
 RESPONSE, L2T = LossConfig(), LossConfig(target="l2t")
@@ -146,3 +148,94 @@ def test_image_placeholder_must_match_the_image(processor):
         with pytest.raises(EncodeError) as err:
             encode_row(r, processor, VICUNA, RESPONSE, None)
         assert err.value.reason == reason
+
+
+# A LLaMA/Vicuna-style tokenizer (SentencePiece "▁", prepended to the input's start): each
+# later turn is tokenized in its context, so "USER:" after "</s>" gains no "▁" (labels.py).
+
+@pytest.fixture(scope="module")
+def llama_processor(sample_dir):
+    return llama_style_processor(sample_texts(sample_dir))
+
+
+@pytest.fixture(scope="module")
+def sample_rows(sample_dir, tmp_path_factory):
+    return sample_version(sample_dir, tmp_path_factory.mktemp("sample")).read_table(["task", "turns", "image"]).to_pylist()
+
+
+def _multi_turn(rows: list[dict]) -> list[dict]:
+    """Two-exchange conversations from consecutive sample rows (the second without image)."""
+    return [row(*[t["content"] for t in a["turns"]], *[t["content"].replace("<image>", "").strip() for t in b["turns"]],
+                task=a["task"]) for a, b in zip(rows[::2], rows[1::2])]
+
+
+def _target_runs(processor, enc) -> list[str]:
+    """The supervised tokens, decoded run by run."""
+    on = np.flatnonzero(enc.labels != IGNORE)
+    runs = np.split(on, np.flatnonzero(np.diff(on) > 1) + 1)
+    return [processor.tokenizer.decode(enc.input_ids[run]) for run in runs]
+
+
+def _whole_vs_each_turn_alone(tokenizer, r: dict) -> bool:
+    """The old rule: does each turn tokenized on its own give the whole-text tokens?"""
+    pieces = render([(t["role"], t["content"]) for t in r["turns"]], "vicuna_v1", tokenizer.eos_token)
+    alone = [i for turn in sorted({p.turn for p in pieces})
+             for i in tokenizer("".join(p.text for p in pieces if p.turn == turn), add_special_tokens=False)["input_ids"]]
+    return alone == tokenizer("".join(p.text for p in pieces), add_special_tokens=False)["input_ids"]
+
+
+def test_llama_style_later_turns_would_gain_a_prepended_space(llama_processor):
+    tok = llama_processor.tokenizer
+    alone = tok.convert_ids_to_tokens(tok("USER: Why?", add_special_tokens=False)["input_ids"])
+    after_eos = tok.convert_ids_to_tokens(tok("</s>USER: Why?", add_special_tokens=False)["input_ids"])
+    assert alone[0].startswith("▁") and after_eos[0] == "</s>" and not after_eos[1].startswith("▁")
+    r = row("<image>\nWhat is it?", "A dog.", "And its colour?", "Brown.")
+    assert not _whole_vs_each_turn_alone(tok, r)  # the old rule flagged this row
+    enc = encode_row(r, llama_processor, VICUNA, RESPONSE, None)
+    assert _target_runs(llama_processor, enc) == ["A dog.</s>", "Brown.</s>"]
+    assert enc.input_ids[0] == tok.bos_token_id and (enc.input_ids == llama_processor.image_token_id).sum() == 16
+
+
+def test_llama_style_real_rows_encode_with_response_labels(llama_processor, sample_rows):
+    assert len(sample_rows) >= 200
+    model_cfg = ModelConfig(max_len=4096)
+    multi = _multi_turn(sample_rows)
+    # Each turn alone disagrees with the whole text on every multi-turn row (the old rule's flags).
+    assert sum(not _whole_vs_each_turn_alone(llama_processor.tokenizer, r) for r in multi) == len(multi)
+    for r in sample_rows + multi:
+        responses = [t["content"] for t in r["turns"] if t["role"] == "assistant"]
+        enc = encode_row(r, llama_processor, model_cfg, RESPONSE, None)  # no tokenization_mismatch
+        assert _target_runs(llama_processor, enc) == [f"{response}</s>" for response in responses], r["task"]
+
+
+def test_llama_style_turn_boundary_merged_into_one_token_is_reported(sample_dir):
+    """SentencePiece without whitespace splitting, trained so that a user turn's end and the
+    next role tag become one token: the boundary does not hold, in any turn."""
+    processor = llama_style_processor(sample_texts(sample_dir) + ("Why? ASSISTANT: Because.",) * 200, split=False)
+    for r, turns in ((row("<image>\nWhy?", "Because."), "turns 0 and 1"),
+                     (row("<image>\nDescribe it.", "A dog.", "Why?", "Because."), "turns 2 and 3")):
+        with pytest.raises(EncodeError) as err:
+            encode_row(r, processor, VICUNA, RESPONSE, None)
+        assert err.value.reason == "tokenization_mismatch" and "per-turn" in err.value.detail
+        assert f"spans the boundary of {turns}" in err.value.detail and "? ASSISTANT:" in err.value.detail
+
+
+def test_turn_inseparable_from_its_context_is_reported():
+    """A turn whose tokens, after its context, start inside a context token cannot be
+    checked: reported, even though here only the context's prepended "▁" ("▁y" before
+    "y?") lets "?" merge with the turn's leading space."""
+    text = VICUNA_SYSTEM + " USER: \nWhy? ASSISTANT: Because."
+    chars = sorted(set(text.replace(" ", "▁")))
+    merges = [("▁", "y"), ("y", "?"), ("?", "▁")]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", "<image>", *chars, *("".join(m) for m in merges)])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    processor = LlavaProcessor(image_processor=tiny_processor().image_processor, tokenizer=fast, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    assert "y?" in fast.convert_ids_to_tokens(fast(text, add_special_tokens=False)["input_ids"])
+    with pytest.raises(EncodeError) as err:
+        encode_row(row("<image>\nWhy?", "Because."), processor, VICUNA, RESPONSE, None)
+    assert err.value.reason == "tokenization_mismatch"
+    assert "turn 1 tokenized after its context 'y?' starts inside token '? '" in err.value.detail

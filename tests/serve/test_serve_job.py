@@ -81,6 +81,6 @@ def test_serve_job_serves_until_interrupted():
 
 
 def test_serve_job_without_a_serve_section_says_so():
-    r = subprocess.run([sys.executable, "jobs/serve.py", "--config", "configs/demo.yaml"], cwd=REPO,
+    r = subprocess.run([sys.executable, "jobs/serve.py", "--config", "configs/sft_tiny.yaml"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "serve: the serve job needs a serve section" in r.stderr

@@ -100,11 +100,18 @@ def _has_text(values: pa.Array) -> pa.Array:
     return pc.and_(pc.greater(pc.binary_length(values), 0), pc.invert(pc.utf8_is_space(values)))
 
 
+# A `..` segment, also percent-encoded (`%2e%2e`, `..%2f`, doubly encoded `%252e`): our
+# clients read those as literal names, but a store or gateway that decodes paths would not.
+_SEP = r"(?:[/\\]|%(?:25)*(?:2f|5c))"
+_DOT = r"(?:\.|%(?:25)*2e)"
+_DOT_DOT = rf"(?i)(?:^|{_SEP}){_DOT}{_DOT}(?:{_SEP}|$)"
+
+
 def _escapes(ref: pa.Array) -> np.ndarray:
     """Image references that would leave the image root: absolute, `..`, or a scheme."""
     bad = pc.or_(
         pc.match_substring_regex(ref, r"^[/\\]|^[A-Za-z]:|://"),
-        pc.match_substring_regex(ref, r"(^|[/\\])\.\.([/\\]|$)"),
+        pc.match_substring_regex(ref, _DOT_DOT),
     )
     return _np_bool(bad)
 

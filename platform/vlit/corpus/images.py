@@ -84,7 +84,8 @@ class ImageChecker:
     def _check_one(self, uri: str) -> str | None:
         try:
             if self.level == "header":
-                return _check_header(uri)
+                # Its reads are small (a header, a small file): see storage.retrying.
+                return storage.retrying(_check_header, uri)
             decode_image(read_image_bytes(uri))
             return None
         except FileNotFoundError:

@@ -267,6 +267,8 @@ def expand_sources(sources: list[str]) -> list[str]:
 def _write_quarantine(run: _Run, uri: str) -> pa.Table:
     table = pa.concat_tables(run.quarantine) if run.quarantine else QUARANTINE_SCHEMA.empty_table()
     fs, path = storage.filesystem(uri)
+    if not storage.is_s3(uri):  # no shard may have made the folder: every row quarantined
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, path, filesystem=fs, compression="zstd")
     return table
 

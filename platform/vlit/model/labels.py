@@ -15,6 +15,13 @@ tokenization differs from its whole-text tokenization (LLaVA masks such rows ent
 and trains on nothing). Both raise `EncodeError("tokenization_mismatch")`: the row is
 quarantined and counted, never trained with a wrong or all-masked label.
 
+Each turn after the first is tokenized in its context: after the characters of the
+whole-text token just before it (`</s>` whole, or the user turn's last word), whose
+tokens are then dropped by their offsets. So a SentencePiece tokenizer's "▁" prepended
+to the start of the input (LLaMA, Vicuna) lands on the context, not on "USER:" after
+"</s>", and needs no per-tokenizer length offsets as in LLaVA; a token that spans a turn
+boundary, in the whole text or in the turn's own tokenization, is still a mismatch.
+
 The image placeholder is expanded to the processor's image-token count after
 tokenization, so lengths are the model's real sequence lengths. A row longer than
 `model.max_len` is quarantined as `too_long` rather than truncated: cutting inside the
@@ -106,6 +113,47 @@ def _mismatch(tokenizer, a: list[int], b: list[int], what: str) -> EncodeError:
     )
 
 
+def _turn_starts(pieces) -> list[int]:
+    """The character offset at which each turn starts in the rendered text."""
+    starts, at = {}, 0
+    for piece in pieces:
+        starts.setdefault(piece.turn, at)
+        at += len(piece.text)
+    return [starts[turn] for turn in sorted(starts)]
+
+
+def _check_per_turn(tokenizer, pieces, ids: list[int], offsets: np.ndarray) -> None:
+    """Raise `tokenization_mismatch` unless the turns, each tokenized in its context (see
+    module doc), give the whole-text tokens `ids` (character `offsets` [n, 2])."""
+    what = "per-turn vs whole-conversation tokenization"
+    text = "".join(p.text for p in pieces)
+    starts = _turn_starts(pieces)
+    per_turn: list[int] = []
+    for turn, (lo, hi) in enumerate(zip(starts, starts[1:] + [len(text)])):
+        context = ""
+        if lo > 0:
+            before = np.flatnonzero(offsets[:, 0] < lo)
+            across = before[offsets[before, 1] > lo]
+            if across.size:
+                a, b = offsets[across[0]]
+                raise EncodeError("tokenization_mismatch", f"{what}: token {text[a:b]!r} (chars {a}:{b}) spans "
+                                  f"the boundary of turns {turn - 1} and {turn} (char {lo})")
+            if before.size:
+                context = text[offsets[before[-1], 0]:lo]
+        enc = tokenizer(context + text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+        own = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        n = len(context)
+        across = np.flatnonzero((own[:, 0] < n) & (own[:, 1] > n))
+        if across.size:
+            a, b = own[across[0]]
+            raise EncodeError("tokenization_mismatch", f"{what}: turn {turn} tokenized after its context "
+                              f"{context!r} starts inside token {(context + text[lo:hi])[a:b]!r}")
+        # Tokens that start in the context cover only the context: drop them.
+        per_turn += [i for i, start in zip(enc["input_ids"], own[:, 0]) if start >= n]
+    if per_turn != ids:
+        raise _mismatch(tokenizer, per_turn, ids, what)
+
+
 def encode_row(row: dict, processor, model_cfg: ModelConfig, loss_cfg: LossConfig,
                template_text: dict[str, set[str]] | None) -> Encoded:
     """A canonical row (turns, task, image or has_image) -> ids and labels; raises
@@ -120,11 +168,7 @@ def encode_row(row: dict, processor, model_cfg: ModelConfig, loss_cfg: LossConfi
 
     whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = whole["input_ids"], np.asarray(whole["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    per_turn = []
-    for turn in sorted({p.turn for p in pieces}):
-        per_turn += tokenizer("".join(p.text for p in pieces if p.turn == turn), add_special_tokens=False)["input_ids"]
-    if per_turn != ids:
-        raise _mismatch(tokenizer, per_turn, ids, "per-turn vs whole-conversation tokenization")
+    _check_per_turn(tokenizer, pieces, ids, offsets)
 
     # Supervised characters per token; a token is a target when all of its characters are.
     counts = np.concatenate([[0], np.cumsum(supervised)])

@@ -19,6 +19,8 @@ its `import_path` names `app_builder`, which takes the serve section as `args`.
 # No `from __future__ import annotations` here: FastAPI reads the route signatures'
 # annotations at runtime (a string `Request` turns into a required query parameter).
 import asyncio
+import hmac
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -51,7 +53,8 @@ def _cause(e: BaseException) -> BaseException:
 
 
 def _error(e: RequestError) -> JSONResponse:
-    return JSONResponse(status_code=e.status, content=e.body())
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(status_code=e.status, content=e.body(), headers=headers)
 
 
 def to_generation(req: ChatCompletionRequest, cfg: ServeConfig, max_new_limit: int) -> GenerationRequest:
@@ -88,6 +91,12 @@ def to_generation(req: ChatCompletionRequest, cfg: ServeConfig, max_new_limit: i
 class Router:
     def __init__(self, cfg: ServeConfig, generators: dict[str, DeploymentHandle], judges: dict[str, DeploymentHandle]):
         self.cfg, self.generators, self.judges = cfg, generators, judges
+        self._token = None
+        if cfg.http.token_env:
+            self._token = os.environ.get(cfg.http.token_env)
+            if not self._token:  # refusing to start beats serving open by mistake
+                raise RuntimeError(f"serve.http.token_env names {cfg.http.token_env}, which is not set in the "
+                                   "ingress replica's environment")
 
     # ---- the Python API (DeploymentHandle callers; the HTTP routes call these) --------------
 
@@ -158,10 +167,18 @@ class Router:
 
     # ---- HTTP -----------------------------------------------------------------------------
 
-    async def _respond(self, fn, request: Request | None = None):
+    def _check_token(self, request: Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token.encode()):
+            raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer ...)")
+
+    async def _respond(self, fn, request: Request, json_body: bool = True):
         try:
-            if request is None:
-                return await fn()
+            self._check_token(request)
+            if not json_body:
+                return await fn() if asyncio.iscoroutinefunction(fn) else fn()
             try:
                 body = await request.json()
             except Exception:
@@ -171,8 +188,8 @@ class Router:
             return _error(e)
 
     @api.get("/v1/models")
-    async def models_http(self):
-        return self.models()
+    async def models_http(self, request: Request):
+        return await self._respond(self.models, request, json_body=False)
 
     @api.post("/v1/chat/completions")
     async def chat_http(self, request: Request):
@@ -183,8 +200,8 @@ class Router:
         return await self._respond(self.judge, request)
 
     @api.get("/health")
-    async def health_http(self):
-        return await self._respond(self.health)
+    async def health_http(self, request: Request):
+        return await self._respond(self.health, request, json_body=False)
 
 
 def _options(name: str, d: DeploymentConfig) -> dict:

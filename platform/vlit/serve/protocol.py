@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import time
 import uuid
 from typing import Annotated, Literal
+from urllib.parse import unquote
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -190,7 +192,19 @@ def _check_size(nbytes: int, limits: ImageLimitsConfig, what: str) -> None:
         raise RequestError(413, f"{what} is {nbytes} bytes; the limit is {limits.max_bytes} bytes")
 
 
+def _dot_segments(uri: str) -> bool:
+    """Whether `uri`, percent-decoded as often as it decodes, has a `.` or `..` segment."""
+    while (decoded := unquote(uri)) != uri:
+        uri = decoded
+    return any(segment in (".", "..") for segment in re.split(r"[/\\]", uri))
+
+
 def _under_roots(uri: str, roots: list[str]) -> bool:
+    # storage.normalize resolves `..` the way our clients do, so the check holds for what is
+    # fetched; dot segments are refused outright anyway, encoded ones too: our S3 client
+    # sends `%2e%2e` as a literal key, but a gateway or store that decodes it would not.
+    if _dot_segments(uri):
+        return False
     target = storage.normalize(uri)
     for root in roots:
         root = storage.normalize(root).rstrip("/")

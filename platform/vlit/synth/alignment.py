@@ -78,3 +78,53 @@ def build_alignment_set(cfg: AlignmentConfig, sources: list[str], out_root: str,
     for r in chosen:
         tasks[r["task_name"]] = tasks.get(r["task_name"], 0) + 1
     return {**summary, "candidates": len(candidates), "tasks": dict(sorted(tasks.items()))}
+
+
+def alignment_from_feedback(rows: list[dict], cfg: AlignmentConfig, out_root: str, settings: dict) -> dict:
+    """The alignment set from judged responses (`feedback_loop.feedback_rows`: per prompt,
+    responses from the generator pool with the judge's ratings): each prompt's best
+    response by mean rating over the rated aspects (a response with any aspect not rated
+    takes no part), `cfg.min_score` applied, then `select_balanced` over tasks. Writes
+    OUT_ROOT/<digest>/ with rows.parquet, annotation.json (release format) and the
+    rejected prompts in the quarantine, each with its reason."""
+    from vlit.synth.feedback import parse_rating
+    from vlit.synth.feedback_loop import common_image_root
+
+    scored, quarantine = [], []
+    for r in rows:
+        best, why = None, "no response"
+        for c in r["completions"]:
+            ratings = [parse_rating(a["Rating"]) for a in c["annotations"].values()]
+            if not ratings or any(x is None for x in ratings):
+                why = "no response rated on every aspect"
+                continue
+            score = float(sum(ratings) / len(ratings))
+            if best is None or score > best[0]:
+                best = (score, c)
+        raw = json.dumps(r, sort_keys=True)
+        if best is None:
+            quarantine.append(quarantine_row("unscored", why, r["id"], raw))
+            continue
+        score, c = best
+        if cfg.min_score is not None and score < cfg.min_score:
+            quarantine.append(quarantine_row("below_min_score", f"best score {score:.3f} < {cfg.min_score}", r["id"], raw))
+            continue
+        prompt = f"{IMAGE_TOKEN}\n{r['prompt']}" if r["img_path"] else r["prompt"]
+        scored.append({"id": r["id"], "image": r["img_path"], "task_name": r["task"], "score": score,
+                       "model": c["model"],
+                       "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": c["response"]}]})
+    chosen = sorted(select_balanced(scored, cfg.size), key=lambda r: r["id"])
+    # The release format names images relative to an image root (prepare rejects absolute
+    # paths as escaping it): the deepest folder holding them all, kept in the settings.
+    root = common_image_root([r["image"] for r in chosen if r["image"]])
+    release = [{"id": r["id"], "image": r["image"][len(root) + 1:] if r["image"] else None,
+                "task_name": r["task_name"], "conversations": r["conversations"]} for r in chosen]
+    summary = write_version(out_root, "alignment-set", chosen, quarantine,
+                            {**cfg.model_dump(mode="json"), **settings, "image_root": root},
+                            extra_files={"annotation.json": json.dumps(release, indent=1).encode()})
+    models: dict[str, int] = {}
+    for r in chosen:
+        models[r["model"]] = models.get(r["model"], 0) + 1
+    return {**summary, "candidates": len(rows), "tasks": len({r["task_name"] for r in chosen}),
+            "models": dict(sorted(models.items())), "scores": [r["score"] for r in chosen], "release": release,
+            "image_root": root}

@@ -31,9 +31,9 @@ def spread(k: int, generators: list[str]) -> dict[str, int]:
     return {g: n for g, n in out.items() if n}
 
 
-def _annotations(result: dict | None, error: str | None) -> dict:
+def _annotations(result: dict | None, error: str | None, aspects: list[str]) -> dict:
     notes = {}
-    for aspect in JUDGE_ASPECTS:
+    for aspect in aspects:
         score = (result or {}).get("scores", {}).get(aspect)
         if score and score["status"] == "ok" and score.get("rating") is not None:
             notes[RELEASE_ASPECT[aspect]] = {"Rating": repr(float(score["rating"])), "Rationale": score.get("rationale")}
@@ -44,7 +44,7 @@ def _annotations(result: dict | None, error: str | None) -> dict:
     return notes
 
 
-def _image_root(images: list[str]) -> str | None:
+def common_image_root(images: list[str]) -> str | None:
     """The deepest folder holding every image (VLFeedback rows name images relative to it)."""
     if not images:
         return None
@@ -79,7 +79,7 @@ def feedback_rows(prompts: list[Prompt], cfg: FeedbackLoopConfig, app_name: str 
     judge_reqs, where = [], []
     for i, p in enumerate(prompts):
         for j, (_, text) in enumerate(responses[i]):
-            req = {"instruction": p.instruction, "response": text, "aspects": list(JUDGE_ASPECTS)}
+            req = {"instruction": p.instruction, "response": text, "aspects": list(cfg.aspects)}
             if cfg.judge:
                 req["model"] = cfg.judge
             if p.image:
@@ -91,11 +91,22 @@ def feedback_rows(prompts: list[Prompt], cfg: FeedbackLoopConfig, app_name: str 
     ratings = {w: r for w, r in zip(where, serve_calls(judge_reqs, method="judge", app_name=app_name))}
     rows = []
     for i, p in enumerate(prompts):
-        completions = [{"model": g, "response": text, "annotations": _annotations(*ratings[(i, j)])}
+        completions = [{"model": g, "response": text, "annotations": _annotations(*ratings[(i, j)], cfg.aspects)}
                        for j, (g, text) in enumerate(responses[i])]
         rows.append({"id": p.id, "prompt": p.instruction, "img_path": p.image, "task": p.task,
                      "models": [c["model"] for c in completions], "completions": completions})
     return rows, {"generation_errors": errors, "responses": sum(len(r) for r in responses)}
+
+
+def write_responses(rows: list[dict], out_root: str) -> tuple[str, str | None]:
+    """The rows as released-format JSONL, image paths relative to their deepest common
+    folder, at OUT_ROOT/responses/<sha>.jsonl; (that file, the image root)."""
+    root = common_image_root([r["img_path"] for r in rows if r["img_path"]])
+    rows = [{**r, "img_path": r["img_path"][len(root) + 1:] if r["img_path"] else None} for r in rows]
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+    responses = storage.join(out_root, "responses", hashlib.sha256(data).hexdigest()[:20] + ".jsonl")
+    storage.write_bytes(responses, data)
+    return responses, root
 
 
 def feedback_pairs(cfg: FeedbackLoopConfig, corpus_version: str, out_root: str, app_name: str = "vlit") -> dict:
@@ -104,13 +115,7 @@ def feedback_pairs(cfg: FeedbackLoopConfig, corpus_version: str, out_root: str, 
     Returns the pairs version's summary plus `responses_file` and `generation_errors`."""
     prompts = corpus_prompts(corpus_version, cfg.prompts, cfg.seed)
     rows, counts = feedback_rows(prompts, cfg, app_name)
-    root = _image_root([r["img_path"] for r in rows if r["img_path"]])
-    for r in rows:
-        if r["img_path"]:
-            r["img_path"] = r["img_path"][len(root) + 1:]
-    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
-    responses = storage.join(out_root, "responses", hashlib.sha256(data).hexdigest()[:20] + ".jsonl")
-    storage.write_bytes(responses, data)
+    responses, root = write_responses(rows, out_root)
     judge = cfg.judge or "default-judge"
     summary = pairs_version([responses], storage.join(out_root, "pairs"), image_root=root, judge=judge)
     return {**summary, "responses_file": responses, "generation_errors": counts["generation_errors"],

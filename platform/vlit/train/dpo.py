@@ -143,10 +143,10 @@ def total_steps(cfg: Config, pairs) -> int:
     return max(1, math.ceil(train.epochs * pairs.rows / (train.num_workers * train.micro_batch_size * train.grad_accum)))
 
 
-def start_run(cfg: Config, pairs) -> dict:
+def start_run(cfg: Config, pairs, parent_run_id: str | None = None) -> dict:
     """The stage's MLflow run: SFT's (config as params, the data's digest as a tag), named
     and tagged as a DPO stage on a pairs version."""
-    run = tracking.start_run(cfg, pairs)
+    run = tracking.start_run(cfg, pairs, parent_run_id)
     client = tracking._client(run["uri"])
     tags = {"mlflow.runName": f"dpo-{storage.normalize(cfg.train.output).rsplit('/', 1)[-1]}", "vlit.stage": "dpo",
             "vlit.pairs.digest": pairs.digest, "vlit.pairs.version": pairs.uri}
@@ -155,7 +155,7 @@ def start_run(cfg: Config, pairs) -> dict:
     return run
 
 
-def run_dpo(cfg: Config, pairs) -> dict:
+def run_dpo(cfg: Config, pairs, parent_run_id: str | None = None) -> dict:
     """Train one DPO stage on a pairs version (`vlit.synth.feedback.PairsVersion`) and
     export it to <train.output>/export; the stage's summary."""
     from vlit.runtime import init_ray
@@ -164,7 +164,7 @@ def run_dpo(cfg: Config, pairs) -> dict:
         raise ValueError("run_dpo needs `train` and `dpo` sections in the config")
     init_ray(cfg.ray, cfg.run.workdir)
     cache = cache_reference_logps(cfg, pairs) if cfg.dpo.reference == "cached" else None
-    run = start_run(cfg, pairs)
+    run = start_run(cfg, pairs, parent_run_id)
     loop_config = {"cfg": cfg.model_dump(mode="json"), "deepspeed": deepspeed_config(cfg.train, cfg.model),
                    "total_steps": total_steps(cfg, pairs), "mlflow": run, "cache": cache and cache["uri"]}
     dataset = pairs_stream(pairs, cfg.dpo.stream, PairEncoder(cfg.model, pairs_quarantine(pairs)))

@@ -127,7 +127,10 @@ def resume_state(strategy: DeepSpeedStrategy) -> dict:
     if checkpoint is None:
         return {}
     with checkpoint.as_directory() as path:
-        return strategy.load_checkpoint(path)
+        state = strategy.load_checkpoint(path)
+    if strategy.rank == 0:  # a restarted worker or a re-run job says where it picks up
+        print(f"[vlit train] resuming from checkpoint {checkpoint.path} at step {state.get('step', 0)}", flush=True)
+    return state
 
 
 def resume(strategy: DeepSpeedStrategy) -> int:
@@ -270,8 +273,9 @@ def torch_trainer(cfg: Config, loop, loop_config: dict, dataset):
     )
 
 
-def run_sft(cfg: Config, version) -> dict:
-    """Train one SFT stage on `version` and export it to <train.output>/export."""
+def run_sft(cfg: Config, version, parent_run_id: str | None = None) -> dict:
+    """Train one SFT stage on `version` and export it to <train.output>/export; its MLflow
+    run is nested under `parent_run_id` when given (the two-stage job's run)."""
     from vlit.corpus.sampling import SamplingPlan
     from vlit.runtime import init_ray
 
@@ -279,7 +283,7 @@ def run_sft(cfg: Config, version) -> dict:
         raise ValueError("run_sft needs a `train` section in the config")
     init_ray(cfg.ray, cfg.run.workdir)
     steps = total_steps(cfg, version)
-    run = tracking.start_run(cfg, version)
+    run = tracking.start_run(cfg, version, parent_run_id)
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
         "deepspeed": deepspeed_config(cfg.train, cfg.model),

@@ -37,21 +37,44 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def start_run(cfg: Config, version) -> dict:
-    """A new run in experiment `run.name`, with the config and corpus version as params."""
+def experiment_id(cfg: Config) -> tuple[str, str]:
+    """(tracking URI, id of experiment `run.name`, created when missing)."""
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
     client = _client(uri)
     experiment = client.get_experiment_by_name(cfg.run.name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.run.name)
-    run = client.create_run(experiment_id, run_name=f"sft-{os.path.basename(cfg.train.output.rstrip('/'))}",
-                            tags={"vlit.stage": "sft", "vlit.corpus.digest": version.digest})
-    params = _flatten(cfg.model_dump(mode="json", exclude={"storage", "ray"}))
-    params["corpus.version"] = version.uri
+    if experiment:
+        return uri, experiment.experiment_id
+    # With the default sqlite store, artifacts go beside it (MLflow's default is ./mlruns
+    # of whatever folder the job started in); a server decides for itself.
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else \
+        "file://" + os.path.join(os.path.abspath(cfg.run.workdir), "mlartifacts")
+    return uri, client.create_experiment(cfg.run.name, artifact_location=location)
+
+
+def log_params(uri: str, run_id: str, cfg: Config, extra: dict | None = None) -> None:
+    """The config as params, minus `storage` and `ray` (addresses, not experiment settings)."""
     from mlflow.entities import Param
 
-    client.log_batch(run.info.run_id, params=[Param(_UNSAFE.sub("_", k), str(v)) for k, v in sorted(params.items())])
+    params = {**_flatten(cfg.model_dump(mode="json", exclude={"storage", "ray"})), **(extra or {})}
+    # MLflow caps a batch at 100 params.
+    items = [Param(_UNSAFE.sub("_", k), str(v)[:6000]) for k, v in sorted(params.items())]
+    client = _client(uri)
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def start_run(cfg: Config, version, parent_run_id: str | None = None) -> dict:
+    """A new run in experiment `run.name`, with the config and corpus version as params;
+    nested under `parent_run_id` (the pipeline's run) when given."""
+    uri, experiment = experiment_id(cfg)
+    client = _client(uri)
+    tags = {"vlit.stage": "sft", "vlit.corpus.digest": version.digest}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment, run_name=f"sft-{os.path.basename(cfg.train.output.rstrip('/'))}", tags=tags)
+    log_params(uri, run.info.run_id, cfg, {"corpus.version": version.uri})
     client.log_inputs(run.info.run_id, datasets=[dataset_input("corpus", version.digest, version.uri)])
     return {"uri": uri, "run_id": run.info.run_id}
 

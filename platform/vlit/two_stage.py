@@ -1,0 +1,314 @@
+"""The two-stage job (Vision-Flan's recipe, with VLFeedback DPO as an option):
+
+    corpus -> [base eval] -> sft1 -> align -> sft2 -> [dpo] -> comparison table
+
+- corpus: synthesize (when configured) and prepare the corpus version.
+- sft1: SFT on the corpus (stage 1), exported; registered as model <name>-sft1.
+- align: Serve starts the configured generator pool and judge; k responses per corpus
+  prompt are rated; each prompt's best response, task-balanced, makes the alignment set
+  (a versioned dataset with its quality report), prepared as the stage-2 corpus.
+- sft2: SFT from sft1's export on the alignment set (stage 2).
+- dpo: DPO from the last export on the `dpo` section's pairs.
+- evaluation (with an `eval` section): the base model once, and every trained stage's
+  export, on the held-out sets; the stage's gates decide whether its model version gets
+  the `eval.alias` alias, and a failing gate stops the job with the reason.
+
+Every stage is keyed (`vlit.ledger`): a re-run skips what finished and says so; a run
+killed mid-stage finds that stage's folder again and Ray Train resumes it from its last
+checkpoint. MLflow gets a parent run per invocation and a nested run per stage run
+(`vlit.lineage`).
+"""
+from __future__ import annotations
+
+import time
+
+from vlit import lineage, storage
+from vlit.config import Config, ConfigError, stage_config
+from vlit.ledger import Ledger, stage_key
+from vlit.pipeline import corpus_stage, pairs_stage, prepare_stage, say
+
+TABLE_METRICS = ("mme.acc", "pope.adversarial.f1", "circular.accuracy", "forgetting.accuracy")
+
+
+def _dump(section) -> dict | None:
+    return None if section is None else section.model_dump(mode="json")
+
+
+class TwoStageJob:
+    def __init__(self, cfg: Config):
+        if cfg.pipeline is None:
+            raise ConfigError("the two-stage job needs a pipeline section (at least pipeline.out)")
+        if cfg.train is None:
+            raise ConfigError("the two-stage job needs a train section (the SFT stages' settings)")
+        self.cfg = cfg
+        self.ledger = Ledger(cfg.pipeline.out)
+        self.model_name = cfg.pipeline.model_name or cfg.run.name
+        self.parent: dict | None = None
+        self.done: dict[str, dict] = {}  # stage -> its outputs, in the job's order
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.eval_sets = None
+
+    # ---- the ledger around every stage
+
+    def keyed(self, stage: str, inputs: dict[str, str], settings: dict, body) -> dict:
+        key = stage_key(stage, inputs, settings)
+        record = self.ledger.get(stage, key)
+        if record is not None:
+            say(stage, f"skipped: finished {record['finished_at']} (key {key}); outputs reused")
+            self.skipped.append(stage)
+            lineage.set_tags(self.parent, {f"vlit.skipped.{stage}": key})
+            return {**record["outputs"], "key": key, "skipped": True}
+        say(stage, f"running (key {key}) -> {self.ledger.stage_dir(stage, key)}")
+        started = time.monotonic()
+        outputs = body(key, self.ledger.stage_dir(stage, key))
+        outputs["seconds"] = round(time.monotonic() - started, 1)
+        self.ledger.put(stage, key, inputs, outputs)
+        self.ran.append(stage)
+        lineage.set_tags(self.parent, {f"vlit.ran.{stage}": key})
+        return {**outputs, "key": key, "skipped": False}
+
+    # ---- stages
+
+    def corpus(self) -> dict:
+        cfg = self.cfg
+        settings = {"synth": _dump(cfg.corpus.synth), "prepare": _dump(cfg.corpus.prepare), "out": cfg.corpus.out}
+
+        def body(key, _):
+            version = corpus_stage(cfg)
+            run = lineage.start_stage(cfg, self.parent, "corpus", key, [])
+            lineage.set_tags(run, {"vlit.out.corpus.digest": version.digest, "vlit.out.corpus.version": version.uri,
+                                   "vlit.out.corpus.rows": version.rows})
+            lineage.finish(run)
+            return {"version": version.uri, "digest": version.digest, "rows": version.rows,
+                    "tasks": len(version.task_counts), "mlflow_run_id": run["run_id"]}
+
+        return self.keyed("corpus", {}, settings, body)
+
+    def evaluate(self, stage: str, model: dict | None) -> dict | None:
+        """Held-out metrics of `model` (a training stage's outputs; None: the base model),
+        logged on that stage's run (the base gets its own)."""
+        from vlit.evaluate.harness import build_eval_sets, run_eval
+
+        cfg = self.cfg if model is None else model["cfg"]
+        if cfg.eval is None:
+            return None
+        if self.eval_sets is None:
+            self.eval_sets = build_eval_sets(self.cfg)
+        sets = self.eval_sets
+        inputs = {f"eval.{s}": es.digest for s, es in sets.items()}
+        inputs["model"] = model["key"] if model else stage_key("base", {}, {"model": _dump(cfg.model)})
+        settings = {"engine": cfg.eval.engine, "batch_size": cfg.eval.batch_size}
+        baseline = self.done.get("base", {}).get("metrics")
+
+        def body(key, _):
+            if model is None:
+                run = lineage.start_stage(cfg, self.parent, "eval-base", key, [], context="eval")
+                run_id = run["run_id"]
+            else:
+                run_id = model["mlflow_run_id"]
+            metrics = run_eval(cfg, model["export"] if model else None, sets, stage=stage, run_id=run_id,
+                               baseline=baseline)
+            if model is None:
+                lineage.finish(run)
+            return {"metrics": metrics, "mlflow_run_id": run_id}
+
+        return self.keyed(f"eval_{stage}", inputs, settings, body)
+
+    def gate(self, stage: str, model: dict, evaluation: dict | None) -> None:
+        """Promote the stage's model version when its metrics pass its gates; a failing
+        gate raises `GateFailed` with the reasons (recorded on the stage's run)."""
+        from vlit.evaluate.gates import gate_and_promote
+
+        ev = model["cfg"].eval
+        if ev is None or evaluation is None:
+            return
+        results = gate_and_promote(lineage.tracking.tracking_uri(self.cfg), evaluation["metrics"], ev.gates,
+                                   stage=stage, model_name=model["model_name"], version=model["model_version"],
+                                   alias=ev.alias, run_id=model["mlflow_run_id"])
+        verdict = f"{len(results)} gates passed" if results else "no gates"
+        say(stage, f"{verdict}: {model['model_name']} version {model['model_version']} is @{ev.alias}")
+
+    def train(self, stage: str, data: dict, init: dict | None) -> dict:
+        """A training stage (sft1, sft2, dpo) on `data` (a corpus or pairs version's
+        outputs), starting from `init`'s export (None: the config's model)."""
+        from vlit.corpus.version import CorpusVersion
+
+        base = stage_config(self.cfg, stage, {"train.init_from": init["export"]} if init else None)
+        train = base.train.model_dump(mode="json", exclude={"output"})
+        settings = {"model": _dump(base.model), "loss": _dump(base.loss), "train": train, "dpo": None,
+                    "tasks": _dump(base.corpus.tasks), "stream": _dump(base.corpus.stream)}
+        if stage == "dpo":
+            settings["dpo"] = base.dpo.model_dump(mode="json", exclude={"pairs", "cache", "pairs_out"})
+        inputs = {"data": data["digest"], "init": init["key"] if init else "config"}
+        name = f"{self.model_name}-{stage}"
+
+        def body(key, out):
+            from vlit.train.dpo import run_dpo
+            from vlit.train.sft import run_sft
+
+            cfg = stage_config(base, stage, {"train.output": out})
+            if stage == "dpo":
+                from vlit.synth.feedback import PairsVersion
+
+                result = run_dpo(cfg, PairsVersion.open(data["version"]), parent_run_id=self.parent["run_id"])
+            else:
+                result = run_sft(cfg, CorpusVersion.open(data["version"]), parent_run_id=self.parent["run_id"])
+            tags = {"vlit.run_id": result["mlflow_run_id"], "vlit.stage": stage, "vlit.stage.key": key,
+                    "vlit.checkpoint": result["checkpoint"], "vlit.input.digest": data["digest"],
+                    "vlit.input.version": data["version"], "vlit.init": init["export"] if init else "config"}
+            version = lineage.register_model(lineage.tracking.tracking_uri(cfg), name, result["export"],
+                                             result["mlflow_run_id"], tags)
+            say(stage, f"{result['steps']} steps, loss {result['loss']:.4f}; registered {name} version {version}")
+            return {"export": result["export"], "checkpoint": result["checkpoint"], "steps": result["steps"],
+                    "loss": result["loss"], "mlflow_run_id": result["mlflow_run_id"], "model_name": name,
+                    "model_version": version, "data": data["version"], "data_digest": data["digest"],
+                    "rows": data.get("rows")}
+
+        outputs = self.keyed(stage, inputs, settings, body)
+        outputs["cfg"] = stage_config(base, stage, {"train.output": self.ledger.stage_dir(stage, outputs["key"])})
+        return outputs
+
+    def align(self, corpus: dict) -> dict:
+        cfg = stage_config(self.cfg, "align")
+        if cfg.loops is None or cfg.serve is None:
+            raise ConfigError("the align stage needs a loops section (loops.feedback, loops.alignment) and a serve "
+                              "section (the generator pool and judge it calls)")
+        loops = cfg.loops
+        settings = {"feedback": _dump(loops.feedback), "alignment": _dump(loops.alignment),
+                    "quality": _dump(loops.quality),
+                    "serve": {"generators": {k: v.backend.model_dump(mode="json") for k, v in cfg.serve.generators.items()},
+                              "judges": {k: v.model_dump(mode="json", include={"backend", "mode"})
+                                         for k, v in cfg.serve.judges.items()}},
+                    "prepare": _dump(cfg.corpus.prepare.model_copy(update={"sources": []}))}
+
+        def body(key, out):
+            run = lineage.start_stage(cfg, self.parent, "align", key,
+                                      [("corpus", corpus["digest"], corpus["version"])])
+            made = build_alignment(cfg, corpus, out)
+            stage2 = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={
+                "prepare": cfg.corpus.prepare.model_copy(update={"format": "vision-flan",
+                                                                 "image_root": made["image_root"]})})})
+            version2 = prepare_stage(stage2, [storage.join(made["version"], "annotation.json")])
+            lineage.set_tags(run, {"vlit.out.alignment.digest": made["digest"], "vlit.out.alignment.version": made["version"],
+                                   "vlit.out.corpus.digest": version2.digest, "vlit.out.corpus.version": version2.uri,
+                                   "vlit.out.responses": made["responses"]})
+            client = lineage.tracking._client(run["uri"])
+            client.log_artifacts(run["run_id"], storage.join(made["version"], "quality"), "quality") \
+                if not storage.is_s3(made["version"]) else None
+            client.log_dict(run["run_id"], {k: made[k] for k in ("rows", "candidates", "tasks", "models",
+                                                                  "quarantined", "quarantine_reasons")}, "alignment.json")
+            lineage.finish(run)
+            return {"alignment": made["version"], "alignment_digest": made["digest"], "rows": version2.rows,
+                    "version": version2.uri, "digest": version2.digest, "models": made["models"],
+                    "quality": made["quality"], "mlflow_run_id": run["run_id"]}
+
+        return self.keyed("align", {"corpus": corpus["digest"]}, settings, body)
+
+    def pairs(self) -> dict:
+        cfg = stage_config(self.cfg, "dpo")
+        if cfg.dpo is None:
+            raise ConfigError("the dpo stage needs a dpo section (its pairs and loss)")
+        pairs = pairs_stage(cfg)
+        return {"version": pairs.uri, "digest": pairs.digest, "rows": pairs.rows}
+
+    # ---- the job
+
+    def run(self) -> dict:
+        cfg, stages = self.cfg, self.cfg.pipeline.stages
+        job_key = stage_key("pipeline", {}, cfg.model_dump(mode="json", exclude={"ray", "storage"}))
+        self.parent = lineage.start_pipeline(cfg, job_key)
+        started = time.monotonic()
+        status = "FAILED"
+        try:
+            corpus = self.done["corpus"] = self.corpus()
+            if cfg.eval is not None:
+                self.done["base"] = self.evaluate("base", None)
+            last = None
+            for stage in stages:
+                if stage == "align":
+                    self.done["align"] = self.align(corpus)
+                    continue
+                data = {"sft1": corpus, "sft2": self.done.get("align"), "dpo": None}[stage]
+                if stage == "dpo":
+                    data = self.pairs()
+                model = self.train(stage, data, last)
+                evaluation = self.evaluate(stage, model)
+                model["metrics"] = evaluation["metrics"] if evaluation else {}
+                self.done[stage] = model
+                self.gate(stage, model, evaluation)
+                last = model
+            status = "FINISHED"
+        finally:
+            lineage.set_tags(self.parent, {"vlit.stages.ran": ",".join(self.ran) or "-",
+                                           "vlit.stages.skipped": ",".join(self.skipped) or "-"})
+            lineage.finish(self.parent, status)
+        table = self.table()
+        lineage.tracking._client(self.parent["uri"]).log_text(self.parent["run_id"], table, "summary.txt")
+        print("\n" + table, flush=True)
+        say("done", f"{len(self.ran)} stage steps ran, {len(self.skipped)} skipped, in "
+                     f"{time.monotonic() - started:.0f} s. See the runs: {mlflow_ui_command(cfg)}")
+        return {"pipeline_run_id": self.parent["run_id"], "ran": self.ran, "skipped": self.skipped,
+                "stages": {s: {k: v for k, v in o.items() if k != "cfg"} for s, o in self.done.items()}}
+
+    def table(self) -> str:
+        """stage -> data version, rows, loss, key accuracies."""
+        header = ["stage", "data", "rows", "loss", *TABLE_METRICS]
+        rows = []
+        for stage, out in self.done.items():
+            metrics = out.get("metrics") or {}
+            digest = out.get("data_digest") or out.get("digest") or ""
+            loss = out.get("loss")
+            rows.append([stage, digest[:12] or "-", str(out.get("rows") or "-"),
+                         "-" if loss is None else f"{loss:.4f}",
+                         *("-" if metrics.get(m) is None else f"{metrics[m]:.3f}" for m in TABLE_METRICS)])
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]) + "\n"
+
+
+def build_alignment(cfg: Config, corpus: dict, out: str) -> dict:
+    """Serve up, judged responses for corpus prompts, the alignment set and its quality
+    report, Serve down (its replicas' CPUs go back to training)."""
+    from ray import serve
+
+    from vlit.quality.report import quality_report
+    from vlit.runtime import init_ray
+    from vlit.serve.app import start
+    from vlit.synth.alignment import alignment_from_feedback
+    from vlit.synth.dataset import corpus_prompts
+    from vlit.synth.feedback_loop import feedback_rows, write_responses
+
+    loops = cfg.loops
+    init_ray(cfg.ray, cfg.run.workdir)
+    start(cfg.serve)
+    try:
+        prompts = corpus_prompts(corpus["version"], loops.feedback.prompts, loops.feedback.seed)
+        rows, counts = feedback_rows(prompts, loops.feedback, cfg.serve.app_name)
+    finally:
+        serve.shutdown()
+    responses, _ = write_responses(rows, storage.join(out, "feedback"))
+    made = alignment_from_feedback(rows, loops.alignment, storage.join(out, "alignment"),
+                                   {"corpus": corpus["version"], "responses": responses})
+    quality = quality_report(made["release"], storage.join(made["version"], "quality"), {"judge score": made["scores"]})
+    say("align", f"{counts['responses']} responses to {len(prompts)} prompts "
+                  f"({len(counts['generation_errors'])} generation errors); alignment set {made['digest']}: "
+                  f"{made['rows']} rows over {made['tasks']} tasks, chosen from {made['models']}; "
+                  f"{made['quarantined']} prompts quarantined {made['quarantine_reasons']}")
+    return {**made, "responses": responses, "quality": {k: quality[k] for k in ("rows", "balance_variance")}}
+
+
+def mlflow_ui_command(cfg: Config) -> str:
+    from vlit.train.tracking import tracking_uri
+
+    import os
+    import sys
+
+    # The mlflow beside this interpreter (the venv's), which a plain `mlflow` may not be.
+    beside = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    mlflow = os.path.relpath(beside) if os.path.exists(beside) else "mlflow"
+    return f"{mlflow} ui --backend-store-uri {tracking_uri(cfg)} --host 127.0.0.1 --port 5000"
+
+
+def run(cfg: Config) -> dict:
+    return TwoStageJob(cfg).run()
