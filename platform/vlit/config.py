@@ -637,6 +637,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 def apply_storage(storage: StorageConfig) -> None:
     """Make the storage settings visible to pyarrow, boto3 and Ray workers alike."""
+    from vlit import storage as store
+
+    # boto3 clients made elsewhere (MLflow's artifact store) retry as vlit's own do.
+    os.environ.setdefault("AWS_RETRY_MODE", store.S3_RETRY_MODE)
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", str(store.S3_RETRY_ATTEMPTS))
     if storage.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = storage.endpoint_url
     if storage.region:

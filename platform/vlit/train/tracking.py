@@ -54,10 +54,14 @@ def experiment_id(cfg: Config) -> tuple[str, str]:
 
 
 def log_params(uri: str, run_id: str, cfg: Config, extra: dict | None = None) -> None:
-    """The config as params, minus `storage` and `ray` (addresses, not experiment settings)."""
+    """The config as params, minus `storage` and `ray` (addresses, not experiment settings),
+    plus the object-store retry policy the run's reads and writes went through."""
     from mlflow.entities import Param
 
-    params = {**_flatten(cfg.model_dump(mode="json", exclude={"storage", "ray"})), **(extra or {})}
+    from vlit import storage
+
+    params = {**_flatten(cfg.model_dump(mode="json", exclude={"storage", "ray"})),
+              **{f"storage.{k}": v for k, v in storage.retry_settings().items()}, **(extra or {})}
     # MLflow caps a batch at 100 params.
     items = [Param(_UNSAFE.sub("_", k), str(v)[:6000]) for k, v in sorted(params.items())]
     client = _client(uri)
