@@ -48,6 +48,17 @@ def set_tags(run: dict, tags: dict) -> None:
     tracking._client(run["uri"]).log_batch(run["run_id"], tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
+def log_text(run: dict, text: str, path: str) -> None:
+    tracking._client(run["uri"]).log_text(run["run_id"], text, path)
+
+
+def log_files(run: dict, folder: str, path: str) -> None:
+    """A local folder's files as the run's artifacts under `path` (an s3:// folder stays
+    where it is: its URI is in the run's tags)."""
+    if not storage.is_s3(folder):
+        tracking._client(run["uri"]).log_artifacts(run["run_id"], folder, path)
+
+
 def finish(run: dict, status: str = "FINISHED") -> None:
     tracking._client(run["uri"]).set_terminated(run["run_id"], status=status)
 

@@ -20,12 +20,14 @@ checkpoint. MLflow gets a parent run per invocation and a nested run per stage r
 """
 from __future__ import annotations
 
+import json
 import time
 
 from vlit import lineage, storage
 from vlit.config import Config, ConfigError, stage_config
 from vlit.ledger import Ledger, stage_key
 from vlit.pipeline import corpus_stage, pairs_stage, prepare_stage, say
+from vlit.train.tracking import tracking_uri
 
 TABLE_METRICS = ("mme.acc", "pope.adversarial.f1", "circular.accuracy", "forgetting.accuracy")
 
@@ -123,7 +125,7 @@ class TwoStageJob:
         ev = model["cfg"].eval
         if ev is None or evaluation is None:
             return
-        results = gate_and_promote(lineage.tracking.tracking_uri(self.cfg), evaluation["metrics"], ev.gates,
+        results = gate_and_promote(tracking_uri(self.cfg), evaluation["metrics"], ev.gates,
                                    stage=stage, model_name=model["model_name"], version=model["model_version"],
                                    alias=ev.alias, run_id=model["mlflow_run_id"])
         verdict = f"{len(results)} gates passed" if results else "no gates"
@@ -143,11 +145,14 @@ class TwoStageJob:
         inputs = {"data": data["digest"], "init": init["key"] if init else "config"}
         name = f"{self.model_name}-{stage}"
 
+        def at(out: str) -> Config:  # the stage's config with its outputs in `out`
+            return stage_config(base, stage, {"train.output": out})
+
         def body(key, out):
             from vlit.train.dpo import run_dpo
             from vlit.train.sft import run_sft
 
-            cfg = stage_config(base, stage, {"train.output": out})
+            cfg = at(out)
             if stage == "dpo":
                 from vlit.synth.feedback import PairsVersion
 
@@ -157,7 +162,7 @@ class TwoStageJob:
             tags = {"vlit.run_id": result["mlflow_run_id"], "vlit.stage": stage, "vlit.stage.key": key,
                     "vlit.checkpoint": result["checkpoint"], "vlit.input.digest": data["digest"],
                     "vlit.input.version": data["version"], "vlit.init": init["export"] if init else "config"}
-            version = lineage.register_model(lineage.tracking.tracking_uri(cfg), name, result["export"],
+            version = lineage.register_model(tracking_uri(cfg), name, result["export"],
                                              result["mlflow_run_id"], tags)
             say(stage, f"{result['steps']} steps, loss {result['loss']:.4f}; registered {name} version {version}")
             return {"export": result["export"], "checkpoint": result["checkpoint"], "steps": result["steps"],
@@ -166,7 +171,7 @@ class TwoStageJob:
                     "rows": data.get("rows")}
 
         outputs = self.keyed(stage, inputs, settings, body)
-        outputs["cfg"] = stage_config(base, stage, {"train.output": self.ledger.stage_dir(stage, outputs["key"])})
+        outputs["cfg"] = at(self.ledger.stage_dir(stage, outputs["key"]))
         return outputs
 
     def align(self, corpus: dict) -> dict:
@@ -186,18 +191,16 @@ class TwoStageJob:
             run = lineage.start_stage(cfg, self.parent, "align", key,
                                       [("corpus", corpus["digest"], corpus["version"])])
             made = build_alignment(cfg, corpus, out)
-            stage2 = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={
-                "prepare": cfg.corpus.prepare.model_copy(update={"format": "vision-flan",
-                                                                 "image_root": made["image_root"]})})})
+            stage2 = stage_config(cfg, "align", {"corpus.prepare.format": "vision-flan",
+                                                 "corpus.prepare.image_root": made["image_root"]})
             version2 = prepare_stage(stage2, [storage.join(made["version"], "annotation.json")])
             lineage.set_tags(run, {"vlit.out.alignment.digest": made["digest"], "vlit.out.alignment.version": made["version"],
                                    "vlit.out.corpus.digest": version2.digest, "vlit.out.corpus.version": version2.uri,
                                    "vlit.out.responses": made["responses"]})
-            client = lineage.tracking._client(run["uri"])
-            client.log_artifacts(run["run_id"], storage.join(made["version"], "quality"), "quality") \
-                if not storage.is_s3(made["version"]) else None
-            client.log_dict(run["run_id"], {k: made[k] for k in ("rows", "candidates", "tasks", "models",
-                                                                  "quarantined", "quarantine_reasons")}, "alignment.json")
+            lineage.log_files(run, storage.join(made["version"], "quality"), "quality")
+            lineage.log_text(run, json.dumps({k: made[k] for k in ("rows", "candidates", "tasks", "models",
+                                                                   "quarantined", "quarantine_reasons")}, indent=2),
+                             "alignment.json")
             lineage.finish(run)
             return {"alignment": made["version"], "alignment_digest": made["digest"], "rows": version2.rows,
                     "version": version2.uri, "digest": version2.digest, "models": made["models"],
@@ -244,7 +247,7 @@ class TwoStageJob:
                                            "vlit.stages.skipped": ",".join(self.skipped) or "-"})
             lineage.finish(self.parent, status)
         table = self.table()
-        lineage.tracking._client(self.parent["uri"]).log_text(self.parent["run_id"], table, "summary.txt")
+        lineage.log_text(self.parent, table, "summary.txt")
         print("\n" + table, flush=True)
         say("done", f"{len(self.ran)} stage steps ran, {len(self.skipped)} skipped, in "
                      f"{time.monotonic() - started:.0f} s. See the runs: {mlflow_ui_command(cfg)}")
@@ -262,9 +265,9 @@ class TwoStageJob:
             rows.append([stage, digest[:12] or "-", str(out.get("rows") or "-"),
                          "-" if loss is None else f"{loss:.4f}",
                          *("-" if metrics.get(m) is None else f"{metrics[m]:.3f}" for m in TABLE_METRICS)])
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]) + "\n"
+        from vlit.evaluate.report import text_table
+
+        return text_table(header, rows)
 
 
 def build_alignment(cfg: Config, corpus: dict, out: str) -> dict:
@@ -299,8 +302,6 @@ def build_alignment(cfg: Config, corpus: dict, out: str) -> dict:
 
 
 def mlflow_ui_command(cfg: Config) -> str:
-    from vlit.train.tracking import tracking_uri
-
     import os
     import sys
 

@@ -20,12 +20,17 @@ def comparison_table(stages: dict[str, dict[str, float]], metrics: list[str] | N
             first, last = values[0], values[-1]
             cells.append("-" if first is None or last is None else f"{last - first:+.3f}")
         lines.append(cells)
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    return text_table(header, lines)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the rest right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]) + "\n"
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]) + "\n"
 
 
 def log_comparison(tracking_uri: str, run_id: str, stages: dict[str, dict[str, float]]) -> str:
