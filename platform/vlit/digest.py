@@ -36,7 +36,9 @@ class TableDigest:
 
     def _feed(self, path: str, arr: pa.Array) -> None:
         t = arr.type
-        if pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_large_string(t):
+        if pa.types.is_null(t):  # a column with no values at all (e.g. no row has an error)
+            self._h(path + "#null").update(np.int64(len(arr)).tobytes())
+        elif pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_large_string(t):
             lengths = pc.binary_length(arr).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
             self._h(path + "#len").update(lengths.tobytes())
             data = arr.buffers()[2]

@@ -17,6 +17,10 @@ CORRECTED = "There is a red circle. It is on the left. Nothing else is there."
 DIALOGUE = json.dumps([{"User": "What color is the circle?", "AI": "The circle is red."},
                        {"User": "Is there a dog?", "AI": "No, there is no dog in the image."}])
 SAYS = json.dumps([{"User": "What is shown?", "AI": "The description says there is a circle."}])
+# The QC judge: its verdict prompts get these 3 replies (2 of 3 say correct), its
+# difficulty prompts a 7.
+VOTES = ["Verdict: correct\nReason: right.", "Verdict: incorrect\nReason: wrong.", "Verdict: correct\nReason: right."]
+DIFFICULTY = "Difficulty: 7\nReason: it needs counting."
 
 
 def free_port() -> int:
@@ -49,13 +53,15 @@ def world(ray_local, tmp_path_factory):
             "vig": {"backend": {"kind": "reference", "replies": [QA, MALFORMED]}, "deployment": small},
             "vic": {"backend": {"kind": "reference", "replies": [CORRECTED]}, "deployment": small},
             "si": {"backend": {"kind": "reference", "replies": [DIALOGUE, MALFORMED, SAYS]}, "deployment": small},
+            "qcj": {"backend": {"kind": "reference", "scripts": {"Verdict:": VOTES, "Difficulty:": [DIFFICULTY]}},
+                    "deployment": small},
         },
         "judges": {"tiny": {"backend": tiny, "mode": "logprob",
                             "deployment": {"num_cpus": 0.25, "max_ongoing_requests": 64,
                                            "batch": {"max_batch_size": 32}}}},
     })
     start(cfg)
-    yield {"corpus": corpus, "base": base, "synth": synth, "app": "loops"}
+    yield {"corpus": corpus, "base": base, "synth": synth, "app": "loops", "serve": cfg}
     serve.delete("loops")
 
 
@@ -134,3 +140,76 @@ def test_alignment_set_is_judged_balanced_and_in_release_format(world):
     assert sorted(summary["tasks"].values()) == [1, 2, 2]
     release = storage.read_json(storage.join(summary["version"], "annotation.json"))
     assert len(release) == 5 and all(set(r) == {"id", "image", "task_name", "conversations"} for r in release)
+
+
+def qc_source(world) -> str:
+    """A generated version whose QC outcome is known: task `count` has 3 rows with long
+    instructions (1 too long for the threshold), `colour` one row, plus a text-only row and
+    a row whose image is not an image."""
+    from vlit.synth.dataset import write_version
+
+    images = sorted((world["base"] / "src" / "images").glob("*.png"))
+    broken = world["base"] / "broken.png"
+    broken.write_bytes(b"not a png at all")
+
+    def row(i, task, instruction, image):
+        return {"id": f"r{i}", "image": str(image) if image else None, "task_name": task,
+                "conversations": [{"from": "human", "value": f"<image>\n{instruction}" if image else instruction},
+                                  {"from": "gpt", "value": f"answer {i}"}]}
+
+    rows = [row(0, "count", "How many shapes are there?", images[0]),
+            row(1, "count", "How many circles are in the picture, counting the small ones too?", images[1]),
+            row(2, "count", "How many red shapes are there?", images[2]),
+            row(3, "colour", "What colour is the circle?", images[3]),
+            row(4, "colour", "Name a colour.", None),
+            row(5, "colour", "What colour is the square?", broken)]
+    return write_version(str(world["base"] / "qc-src"), "hand-made", rows, [], {})["version"]
+
+
+def test_quality_control_scores_filters_resamples_and_reports(world):
+    from vlit.config import QualityConfig
+    from vlit.quality.qc import run_qc
+    from vlit.synth.dataset import SynthVersion
+
+    cfg = QualityConfig(embedding="hashing", judge="qcj", votes=3, per_task=1, seed=0,
+                        thresholds={"instruction_words": (None, 8), "judge_correct": (1, None), "difficulty": (None, 8)})
+    summary = run_qc(cfg, qc_source(world), str(world["base"] / "qc"), app_name=world["app"])
+    assert summary["source_rows"] == 6
+    # r5: not an image; r1: 13 words > 8; count keeps 1 of its 2 others, colour 1 of 2.
+    assert summary["rejected"] == {"above_instruction_words": 1, "balance_resampled": 2, "image_unreadable": 1}
+    version = SynthVersion.open(summary["version"])
+    rows = {r["id"]: r for r in version.rows()}
+    assert summary["rows"] == 2 and summary["tasks"] == {"colour": 1, "count": 1}
+    for r in rows.values():
+        assert r["judge_correct"] == 1.0 and r["judge_votes_correct"] == 2 and r["judge_votes_valid"] == 3
+        assert r["difficulty"] == 7.0 and r["instruction_questions"] == (r["id"] != "r4")
+        assert (r["clip_score"] is None) == (r["image"] is None)
+    quarantine = {q["source_ref"]: q for q in version.read_table("quarantine.parquet").to_pylist()}
+    assert quarantine["r5"]["reason"] == "image_unreadable" and quarantine["r1"]["detail"] == "instruction_words 12 > 8"
+    report = json.loads((world["base"] / "qc" / version.digest / "quality" / "report.json").read_text())
+    assert report["source_rows"] == 6 and report["rows"] == 2 and report["judge_votes"] == 15
+    assert report["scores"]["difficulty"]["mean"] == 7.0 and set(report["diversity"]) == {"colour", "count"}
+    assert (world["base"] / "qc" / version.digest / "quality" / "scores.png").stat().st_size > 1000
+    annotation = json.loads((world["base"] / "qc" / version.digest / "annotation.json").read_text())
+    assert [a["id"] for a in annotation] == sorted(rows) and all(not (a["image"] or "x").startswith("/") for a in annotation)
+
+
+def test_loops_cli_runs_a_loop_against_the_running_app(world, tmp_path, capsys):
+    """`vlit loops vigc CONFIG --corpus V --attach`: the config's serve section names the
+    running app; the version goes under loops.out/vigc/."""
+    import yaml
+
+    from vlit.cli import main
+
+    config = tmp_path / "loops.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"workdir": str(tmp_path / "work")}, "serve": world["serve"].model_dump(mode="json"),
+        "loops": {"out": str(tmp_path / "synth"),
+                  "vigc": {"images": 1, "types": ["conversation"], "generator": "vig", "corrector": "vic",
+                           "rounds": 4}}}))
+    assert main(["loops", "vigc", str(config), "loops.vigc.samples=2", "--corpus", world["corpus"], "--attach"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("\n{") + 1 if not out.startswith("{") else 0:])  # after Ray's own lines
+    assert summary["rows"] == 1 and summary["quarantined"] == 1 and summary["version"].startswith(str(tmp_path / "synth" / "vigc"))
+    assert main(["loops", "self-instruct", str(config), "--attach"]) == 2
+    assert "give --annotations or --synth-corpus" in capsys.readouterr().err

@@ -169,7 +169,8 @@ def predict_ray(model_uri: str | None, model_cfg: ModelConfig, table: pa.Table, 
     import ray
 
     predicted = (ray.data.from_arrow(table)
-                 .map_batches(_ScoreBlock, batch_format="pyarrow", batch_size=4 * batch_size, concurrency=1,
+                 .map_batches(_ScoreBlock, batch_format="pyarrow", batch_size=4 * batch_size,
+                              compute=ray.data.ActorPoolStrategy(size=1),
                               num_cpus=0 if num_gpus else 1, num_gpus=num_gpus,
                               fn_constructor_kwargs={"model_uri": model_uri, "model_cfg": model_cfg.model_dump(),
                                                      "batch_size": batch_size, "image_root": image_root})

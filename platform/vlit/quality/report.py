@@ -15,9 +15,11 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def quality_report(rows: list[dict], out: str, scores: dict[str, list[float]] | None = None) -> dict:
-    """Rows in the release shape {task_name, conversations}; `scores`: metric -> values.
-    Writes OUT/report.json, OUT/tasks.png, OUT/scores.png; returns the report."""
+def render_report(rows: list[dict], scores: dict[str, list[float]] | None = None,
+                  extra: dict | None = None) -> tuple[dict, dict[str, bytes]]:
+    """Rows in the release shape {task_name, conversations}; `scores`: metric -> values;
+    `extra`: more fields for report.json. Returns the report and its files
+    (report.json, tasks.png, scores.png) as bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,21 +30,41 @@ def quality_report(rows: list[dict], out: str, scores: dict[str, list[float]] | 
         tasks.setdefault(r["task_name"], []).append(r["conversations"][0]["value"])
     counts = {t: len(v) for t, v in sorted(tasks.items())}
     words = [element_counts(i)["words"] for v in tasks.values() for i in v]
+    scores = {k: v for k, v in (scores or {}).items()}
     report = {"rows": len(rows), "tasks": counts, "balance_variance": balance_variance(counts),
               "instruction_diversity": {t: instruction_diversity(v) for t, v in sorted(tasks.items())},
               "instruction_words_mean": sum(words) / len(words) if words else 0.0,
-              "scores": {k: {"n": len(v), "mean": sum(v) / len(v) if v else None} for k, v in (scores or {}).items()}}
+              "scores": {k: {"n": len(v), "mean": sum(v) / len(v) if v else None,
+                             "min": min(v) if v else None, "max": max(v) if v else None}
+                         for k, v in scores.items()},
+              **(extra or {})}
+    files = {}
     fig, ax = plt.subplots(figsize=(6, 0.4 * max(len(counts), 3)))
     ax.barh(list(counts), list(counts.values()))
     ax.set_xlabel("examples")
     ax.set_title("examples per task")
-    storage.write_bytes(storage.join(out, "tasks.png"), _png(fig))
+    files["tasks.png"] = _png(fig)
     plt.close(fig)
-    fig, axes = plt.subplots(1, max(len(scores or {}), 1), figsize=(4 * max(len(scores or {}), 1), 3), squeeze=False)
-    for ax, (name, values) in zip(axes[0], sorted((scores or {}).items())):
+    cols = min(max(len(scores), 1), 3)
+    grid = -(-max(len(scores), 1) // cols)
+    fig, axes = plt.subplots(grid, cols, figsize=(4 * cols, 3 * grid), squeeze=False)
+    for ax in axes.flat[len(scores):]:
+        ax.set_axis_off()
+    for ax, (name, values) in zip(axes.flat, sorted(scores.items())):
         ax.hist(values, bins=10)
         ax.set_title(name)
-    storage.write_bytes(storage.join(out, "scores.png"), _png(fig))
+        ax.set_ylabel("rows")
+    fig.tight_layout()
+    files["scores.png"] = _png(fig)
     plt.close(fig)
-    storage.write_bytes(storage.join(out, "report.json"), json.dumps(report, indent=2, sort_keys=True).encode())
+    files["report.json"] = json.dumps(report, indent=2, sort_keys=True).encode()
+    return report, files
+
+
+def quality_report(rows: list[dict], out: str, scores: dict[str, list[float]] | None = None,
+                   extra: dict | None = None) -> dict:
+    """`render_report`, written to OUT/report.json, OUT/tasks.png, OUT/scores.png."""
+    report, files = render_report(rows, scores, extra)
+    for name, data in files.items():
+        storage.write_bytes(storage.join(out, name), data)
     return report

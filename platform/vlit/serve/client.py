@@ -26,6 +26,7 @@ import time
 
 import pyarrow as pa
 import ray
+import ray.data
 from ray import serve
 
 from vlit.serve.protocol import RequestError
@@ -108,7 +109,7 @@ def map_requests(ds: "ray.data.Dataset", *, method: str = "judge", app_name: str
                                    timeout_s=timeout_s, request_column=request_column),
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         # The work happens in Serve replicas; these actors only wait on handles.
         num_cpus=0.1,
     )

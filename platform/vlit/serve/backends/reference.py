@@ -2,7 +2,8 @@
 loops end to end on CPU.
 
 Generator: answers with the request's `reference`; a request without one gets the scripted
-`replies` (completion i is `replies[i % len(replies)]`).
+`replies` (completion i is `replies[i % len(replies)]`), or a `scripts` entry's replies
+when its key is in the last message (a scripted judge that votes and scores difficulty).
 
 Judge, for a request with a `reference`, rates against it:
 - visual faithfulness: 5 when the response contains the reference answer (as whole words),
@@ -51,17 +52,22 @@ class ReferenceBackend(Backend):
 
     def __init__(self, cfg: ReferenceBackendConfig):
         self.replies = list(cfg.replies)
+        self.scripts = dict(cfg.scripts)
+
+    def _scripted_replies(self, req: GenerationRequest) -> list[str]:
+        last = req.messages[-1].text if req.messages else ""
+        return next((replies for key, replies in self.scripts.items() if key in last), self.replies)
 
     def check(self, req: GenerationRequest) -> None:
-        if not self.replies and req.reference is None:
+        if not self._scripted_replies(req) and req.reference is None:
             raise RequestError(400, "the reference generator answers with the request's `reference` "
                                     "(send it in the body, e.g. the openai client's extra_body)", param="reference")
 
     def generate(self, reqs: list[GenerationRequest]) -> list[Generation]:
         out = []
         for r in reqs:
-            texts = [r.reference if r.reference is not None else self.replies[i % len(self.replies)]
-                     for i in range(r.n)]
+            replies = self._scripted_replies(r)
+            texts = [r.reference if r.reference is not None else replies[i % len(replies)] for i in range(r.n)]
             # No tokenizer here: usage counts words.
             out.append(Generation([Completion(t, "stop", len(t.split())) for t in texts], prompt_tokens=0))
         return out
