@@ -78,7 +78,7 @@ def test_export_reloads_with_auto_classes_and_generates(zero2_run):
 def test_resume_after_worker_failure_matches_uninterrupted_run(zero2_run, tmp_path, monkeypatch):
     cfg, version, uninterrupted = zero2_run
     marker = tmp_path / "failed-once"
-    # Rank 1 raises after step 3, one step past the checkpoint at step 2.
+    # Rank 1 is SIGKILLed after step 3, one step past the checkpoint at step 2.
     monkeypatch.setattr(sft, "train_loop", functools.partial(train_helpers.failing_train_loop, fail_at=3,
                                                              marker=str(marker)))
     # Materialized (stage 2's mode) while the reference run streamed: the same batches in
@@ -87,6 +87,9 @@ def test_resume_after_worker_failure_matches_uninterrupted_run(zero2_run, tmp_pa
         update={"output": str(tmp_path / "resumed"), "materialize": True})})
     resumed = sft.run_sft(resumed_cfg, version)
     assert marker.exists() and resumed["steps"] == STEPS
+    # The restarted group was handed the step-2 checkpoint (not a restart from scratch,
+    # which would end with the same weights too).
+    assert (tmp_path / "failed-once.starts").read_text().split() == ["none", "step-0000002"]
     expected, got = _weights(uninterrupted["export"]), _weights(resumed["export"])
     assert expected.keys() == got.keys()
     worst = max(float(np.abs(expected[k] - got[k]).max()) for k in expected)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 from vlit.config import Config, PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
@@ -45,7 +46,8 @@ def config(tmp: str, version: CorpusVersion, name: str = "sft-test", **train) ->
 
 
 class _FailOnce(sft.DeepSpeedStrategy):
-    """Rank 1 raises after optimizer step `fail_at` on the run's first attempt only."""
+    """Rank 1 dies by SIGKILL after optimizer step `fail_at`, on the run's first attempt
+    only: no exception, no cleanup, as when the OOM killer or a lost node takes it."""
 
     fail_at, marker = None, None
 
@@ -53,12 +55,19 @@ class _FailOnce(sft.DeepSpeedStrategy):
         took = super().step()
         if took and self.rank == 1 and self.engine.global_steps == self.fail_at and not os.path.exists(self.marker):
             open(self.marker, "w").close()
-            raise RuntimeError(f"injected failure after step {self.fail_at}")
+            os.kill(os.getpid(), signal.SIGKILL)
         return took
 
 
 def failing_train_loop(config: dict, fail_at: int, marker: str) -> None:
-    """`sft.train_loop` with a worker failure injected; bind fail_at and marker with partial."""
+    """`sft.train_loop` with a worker killed; bind fail_at and marker with partial. Each
+    attempt appends the checkpoint Ray Train handed it (or "none") to MARKER.starts."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(f"{marker}.starts", "a") as f:
+            f.write(f"{os.path.basename(checkpoint.path) if checkpoint else 'none'}\n")
     _FailOnce.fail_at, _FailOnce.marker = fail_at, marker
     sft.DeepSpeedStrategy = _FailOnce  # this worker process only
     sft.train_loop(config)

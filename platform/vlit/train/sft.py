@@ -146,6 +146,11 @@ def save_and_report(strategy: DeepSpeedStrategy, metrics: dict, step: int, state
     with tempfile.TemporaryDirectory(prefix="vlit-ckpt-") as path:
         strategy.save_checkpoint(path, client_state={**(state or {}), "step": step})
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(path), checkpoint_dir_name=f"step-{step:07d}")
+    # `report` returns once the report is queued; the controller registers the checkpoint
+    # at its next poll (every ~2 s). A worker killed before then takes the report with it
+    # and the restarted group would start from the previous checkpoint (or from scratch).
+    # Wait until it is committed: at most one poll per checkpoint.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def audited(metrics: dict, meter: StepMeter, tasks: list[str]) -> dict:
