@@ -256,3 +256,23 @@ def test_secrets_stay_out_of_outputs(s3, sample_on_s3):
              storage.read_bytes(storage.join(version.uri, "summary.json")).decode(),
              json.dumps(version.read_quarantine().to_pylist())]
     assert not any(secret in t or key_id in t for t in texts)
+
+
+@pytest.mark.parametrize("level", ["header", "decode"])
+def test_an_image_the_store_cannot_read_stops_prepare_unpublished(level, tmp_path):
+    """A read that fails for a reason other than a missing file or a bad image (here a
+    symlink loop; on S3, an error left after the retries) is the store's failure, not
+    the row's: prepare stops, names the file and publishes nothing, where quarantining
+    the row would lose a good one."""
+    images = tmp_path / "src"
+    images.mkdir()
+    Image.new("RGB", (8, 8), "red").save(images / "ok.png")
+    (images / "loop.png").symlink_to("loop.png")
+    rows = [{"id": f"r{i}", "image": name, "task_name": "t",
+             "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
+            for i, name in enumerate(["ok.png", "loop.png"])]
+    (images / "annotation.json").write_text(json.dumps(rows))
+    out = tmp_path / "corpora"
+    with pytest.raises(PrepareError, match=r"reading .*loop\.png failed after the retries.*Nothing was published"):
+        _prepare(str(images / "annotation.json"), str(out), format="vision-flan", image_check=level)
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no version, no staging left

@@ -32,21 +32,34 @@ def decode_image(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
+def _parses(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.size  # noqa: B018 — parsing the header is the check
+        return True
+    except Exception:
+        return False
+
+
 def _check_header(uri: str) -> str | None:
+    """None when the header parses, else the reason. Read errors raise: they are the
+    store's, not the image's."""
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
         head = f.read(HEADER_BYTES)
-        try:
-            with Image.open(io.BytesIO(head)) as img:
-                img.size  # noqa: B018 — parsing the header is the check
+        if _parses(head):
             return None
-        except Exception:
-            if len(head) < HEADER_BYTES:
-                raise
+        if len(head) < HEADER_BYTES:
+            return "image_undecodable"
         # Headers larger than HEADER_BYTES (big EXIF blocks): read the rest and retry.
-        with Image.open(io.BytesIO(head + f.read())) as img:
-            img.size  # noqa: B018
-    return None
+        head += f.read()
+    return None if _parses(head) else "image_undecodable"
+
+
+class StoreReadError(RuntimeError):
+    """An image could not be read after the retries: the store failed, not the image.
+    Prepare stops without publishing (and can be run again) instead of quarantining a
+    good row as bad."""
 
 
 class ImageChecker:
@@ -86,14 +99,18 @@ class ImageChecker:
             if self.level == "header":
                 # Its reads are small (a header, a small file): see storage.retrying.
                 return storage.retrying(_check_header, uri)
-            decode_image(read_image_bytes(uri))
-            return None
+            data = read_image_bytes(uri)
         except FileNotFoundError:
             return "image_missing"
         except OSError as e:
             # pyarrow reports a missing S3 object as OSError with "Path does not exist".
             if "does not exist" in str(e) or "NoSuchKey" in str(e):
                 return "image_missing"
-            return "image_undecodable"
+            if isinstance(e, IsADirectoryError):
+                return "image_undecodable"
+            raise StoreReadError(f"reading {uri} failed after the retries: {e}") from e
+        try:
+            decode_image(data)
         except Exception:
             return "image_undecodable"
+        return None

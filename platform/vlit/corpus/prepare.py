@@ -32,7 +32,7 @@ from vlit import storage
 from vlit.config import PrepareConfig
 from vlit.corpus import version as layout
 from vlit.corpus.formats import SOURCE_SCHEMAS, Normalized, coerce, normalize
-from vlit.corpus.images import ImageChecker
+from vlit.corpus.images import ImageChecker, StoreReadError
 from vlit.corpus.jsonstream import Chunk, ChunkReader, JSONStreamError
 from vlit.corpus.schema import CORPUS_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from vlit.digest import TableDigest
@@ -290,10 +290,11 @@ def prepare_corpus(cfg: PrepareConfig, out: str) -> dict:
                         reader.reject()  # a wrong fast split: redo this chunk exactly
                         continue
                     run.add(chunk, table, source, root)
-    except JSONStreamError as e:
+    except (JSONStreamError, StoreReadError) as e:
         run.close()
         storage.delete_dir(staging)
-        raise PrepareError(str(e)) from None
+        again = " Nothing was published; run prepare again." if isinstance(e, StoreReadError) else ""
+        raise PrepareError(f"{e}{again}") from None
     run.close()
 
     quarantine = _write_quarantine(run, storage.join(staging, layout.QUARANTINE))
