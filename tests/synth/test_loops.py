@@ -207,9 +207,13 @@ def test_loops_cli_runs_a_loop_against_the_running_app(world, tmp_path, capsys):
         "loops": {"out": str(tmp_path / "synth"),
                   "vigc": {"images": 1, "types": ["conversation"], "generator": "vig", "corrector": "vic",
                            "rounds": 4}}}))
-    assert main(["loops", "vigc", str(config), "loops.vigc.samples=2", "--corpus", world["corpus"], "--attach"]) == 0
+    # An override after the options is taken too.
+    assert main(["loops", "vigc", str(config), "--corpus", world["corpus"], "--attach", "loops.vigc.samples=2"]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("\n{") + 1 if not out.startswith("{") else 0:])  # after Ray's own lines
     assert summary["rows"] == 1 and summary["quarantined"] == 1 and summary["version"].startswith(str(tmp_path / "synth" / "vigc"))
     assert main(["loops", "self-instruct", str(config), "--attach"]) == 2
     assert "give --annotations or --synth-corpus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # anything else unknown is still an error
+        main(["loops", "vigc", str(config), "--corpus", world["corpus"], "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def serving(cfg: Config, needed: bool, attach: bool):
     try:
         yield
     finally:
-        serve.shutdown()
+        serve.delete(cfg.serve.app_name)  # this app only: a shared cluster may serve others
 
 
 def run_loop(cfg: Config, loop: str, *, corpus: str | None = None, sources: list[str] | None = None,
