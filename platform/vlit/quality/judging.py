@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 
-from vlit.corpus.schema import IMAGE_TOKEN
+from vlit.serve.rubric import neutralize
+from vlit.synth.dataset import user_message
 
 VERDICT_PROMPT = (
     "You check an AI assistant's answer to an instruction about an image. Look at the image, "
@@ -62,25 +63,13 @@ def majority(votes: list[bool | None]) -> dict:
     return out
 
 
-def _clean(text: str) -> str:
-    """The placeholder inside a judged text would ask for an image that is not there."""
-    return text.replace(IMAGE_TOKEN, "[image]")
-
-
-def _message(text: str, image: str | None) -> dict:
-    if image is None:
-        return {"role": "user", "content": text}
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                        {"type": "text", "text": text}]}
-
-
 def verdict_request(row: dict, model: str, votes: int, temperature: float, seed: int) -> dict:
-    text = VERDICT_PROMPT.format(instruction=_clean(row["instruction"]), response=_clean(row["response"]))
-    return {"model": model, "messages": [_message(text, row["image"])], "n": votes, "temperature": temperature,
+    text = VERDICT_PROMPT.format(instruction=neutralize(row["instruction"]), response=neutralize(row["response"]))
+    return {"model": model, "messages": [user_message(text, row["image"])], "n": votes, "temperature": temperature,
             "max_tokens": 96, "seed": seed}
 
 
 def difficulty_request(row: dict, model: str, seed: int) -> dict:
-    text = DIFFICULTY_PROMPT.format(instruction=_clean(row["instruction"]))
-    return {"model": model, "messages": [_message(text, row["image"])], "n": 1, "temperature": 0.0,
+    text = DIFFICULTY_PROMPT.format(instruction=neutralize(row["instruction"]))
+    return {"model": model, "messages": [user_message(text, row["image"])], "n": 1, "temperature": 0.0,
             "max_tokens": 96, "seed": seed}

@@ -32,7 +32,7 @@ from vlit.quality import judging
 from vlit.quality.filters import apply_thresholds
 from vlit.quality.metrics import (balance_variance, balanced_resample, element_counts, embedder,
                                   instruction_diversity, response_clusters)
-from vlit.synth.dataset import SynthVersion, count, quarantine_row, write_version
+from vlit.synth.dataset import SynthVersion, chat_texts, count, quarantine_row, write_version
 
 # The row operators are light (the model work runs in Serve replicas or the CLIP actor):
 # fractions of a CPU leave room for both on a small cluster.
@@ -114,7 +114,7 @@ def _read_verdicts(row: dict) -> dict:
     if result is None:
         return {**row, "judge_votes": 0, "judge_votes_valid": 0, "judge_votes_correct": 0, "judge_correct": None,
                 "judge_error": f"judge call failed: {error}"}
-    return {**row, **judging.majority([judging.parse_verdict(c["message"]["content"]) for c in result["choices"]])}
+    return {**row, **judging.majority([judging.parse_verdict(text) for text in chat_texts(result)])}
 
 
 def _difficulty_request(cfg: QualityConfig):
@@ -128,7 +128,7 @@ def _read_difficulty(row: dict) -> dict:
     row = {k: v for k, v in row.items() if k not in SERVE_COLUMNS}
     if result is None:
         return {**row, "difficulty": None, "difficulty_error": f"judge call failed: {error}"}
-    text = result["choices"][0]["message"]["content"]
+    text = chat_texts(result)[0]
     value = judging.parse_difficulty(text)
     return {**row, "difficulty": None if value is None else float(value),
             "difficulty_error": None if value is not None else f"unparseable difficulty reply: {text[:200]!r}"}
@@ -172,17 +172,10 @@ def task_diversity(rows: list[dict], cfg: QualityConfig) -> dict[str, dict]:
     return out
 
 
-def _release(row: dict, root: str | None) -> dict:
-    image = row["image"]
-    return {"id": row["id"], "image": image[len(root) + 1:] if image and root else image,
-            "task_name": row["task_name"], "conversations": json.loads(row["conversations"])}
-
-
 def run_qc(cfg: QualityConfig, source: str, out_root: str, app_name: str = "vlit") -> dict:
     """Quality control of the synthetic dataset version `source` into OUT_ROOT/<digest>/."""
     from vlit.quality.report import render_report
-    from vlit.synth.alignment import as_vision_flan
-    from vlit.synth.feedback_loop import common_image_root
+    from vlit.synth.alignment import as_vision_flan, release_format
 
     version = SynthVersion.open(source)
     scored = score_rows(qc_rows([as_vision_flan(r) for r in version.rows()]), cfg, app_name)
@@ -201,8 +194,7 @@ def run_qc(cfg: QualityConfig, source: str, out_root: str, app_name: str = "vlit
         quarantine += [quarantine_row("balance_resampled", f"task {r['task_name']} over per_task {cfg.per_task}",
                                       r["id"], json.dumps(r)) for r in kept if r["id"] not in ids]
         kept = sorted(chosen, key=lambda r: r["id"])
-    root = common_image_root([r["image"] for r in kept if r["image"]])
-    release = [_release(r, root) for r in kept]
+    release, root = release_format([{**r, "conversations": json.loads(r["conversations"])} for r in kept])
     metrics = {m: [r[m] for r in kept if r.get(m) is not None] for m in QC_METRICS}
     extra = {"source": version.uri, "source_rows": len(scored),
              "balance_variance_before": balance_variance(count(r["task_name"] for r in readable)),

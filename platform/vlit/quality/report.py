@@ -30,7 +30,7 @@ def render_report(rows: list[dict], scores: dict[str, list[float]] | None = None
         tasks.setdefault(r["task_name"], []).append(r["conversations"][0]["value"])
     counts = {t: len(v) for t, v in sorted(tasks.items())}
     words = [element_counts(i)["words"] for v in tasks.values() for i in v]
-    scores = {k: v for k, v in (scores or {}).items()}
+    scores = dict(scores or {})
     report = {"rows": len(rows), "tasks": counts, "balance_variance": balance_variance(counts),
               "instruction_diversity": {t: instruction_diversity(v) for t, v in sorted(tasks.items())},
               "instruction_words_mean": sum(words) / len(words) if words else 0.0,

@@ -66,17 +66,19 @@ def prompt_head(aspect: str) -> str:
     )
 
 
+def neutralize(text: str) -> str:
+    """A judged text with its image placeholder spelled out: left in, it would ask the
+    model for an image that is not there."""
+    return text.replace(IMAGE_TOKEN, "[image]")
+
+
 def prompt(aspect: str, instruction: str, response: str, image: bool = False) -> str:
     """The user turn that asks for one aspect's rating; the image placeholder (when there
-    is an image) follows the shared head. The placeholder inside the rated texts is
-    neutralized: it would otherwise ask the model for an image that is not there."""
-    def clean(text: str) -> str:
-        return text.replace(IMAGE_TOKEN, "[image]")
-
+    is an image) follows the shared head; the rated texts are `neutralize`d."""
     return (
         prompt_head(aspect)
         + (f"{IMAGE_TOKEN}\n" if image else "")
-        + f"Instruction: {clean(instruction)}\nResponse: {clean(response)}"
+        + f"Instruction: {neutralize(instruction)}\nResponse: {neutralize(response)}"
     )
 
 

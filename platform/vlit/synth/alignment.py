@@ -28,6 +28,17 @@ def as_vision_flan(row: dict) -> dict:
                               {"from": "gpt", "value": answer}]}
 
 
+def release_format(rows: list[dict]) -> tuple[list[dict], str | None]:
+    """Rows {id, image (a full URI or None), task_name, conversations} in the release
+    format, and their image root. The release names images relative to an image root
+    (prepare rejects absolute paths as escaping it): the deepest folder holding them all."""
+    from vlit.synth.feedback_loop import common_image_root
+
+    root = common_image_root([r["image"] for r in rows if r["image"]])
+    return [{"id": r["id"], "image": r["image"][len(root) + 1:] if r["image"] else None,
+             "task_name": r["task_name"], "conversations": r["conversations"]} for r in rows], root
+
+
 def select_balanced(scored: list[dict], size: int) -> list[dict]:
     """Round-robin over tasks (sorted names), best score first in each (ties by id)."""
     by_task: dict[str, list[dict]] = {}
@@ -88,7 +99,6 @@ def alignment_from_feedback(rows: list[dict], cfg: AlignmentConfig, out_root: st
     OUT_ROOT/<digest>/ with rows.parquet, annotation.json (release format) and the
     rejected prompts in the quarantine, each with its reason."""
     from vlit.synth.feedback import parse_rating
-    from vlit.synth.feedback_loop import common_image_root
 
     scored, quarantine = [], []
     for r in rows:
@@ -114,11 +124,7 @@ def alignment_from_feedback(rows: list[dict], cfg: AlignmentConfig, out_root: st
                        "model": c["model"],
                        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": c["response"]}]})
     chosen = sorted(select_balanced(scored, cfg.size), key=lambda r: r["id"])
-    # The release format names images relative to an image root (prepare rejects absolute
-    # paths as escaping it): the deepest folder holding them all, kept in the settings.
-    root = common_image_root([r["image"] for r in chosen if r["image"]])
-    release = [{"id": r["id"], "image": r["image"][len(root) + 1:] if r["image"] else None,
-                "task_name": r["task_name"], "conversations": r["conversations"]} for r in chosen]
+    release, root = release_format(chosen)  # the root is kept in the settings
     summary = write_version(out_root, "alignment-set", chosen, quarantine,
                             {**cfg.model_dump(mode="json"), **settings, "image_root": root},
                             extra_files={"annotation.json": json.dumps(release, indent=1).encode()})
