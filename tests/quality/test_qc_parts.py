@@ -82,3 +82,20 @@ def test_task_diversity_counts_communities_and_clusters():
     assert div["mixed"]["instruction_diversity"] == 2  # two disjoint word groups
     assert div["mixed"]["response_clusters"] == 2 and div["mixed"]["response_diversity"] == pytest.approx(np.log(2))
     assert div["one"] == {"rows": 1, "instruction_diversity": 1, "response_clusters": 0, "response_diversity": 0.0}
+
+
+def test_bad_annotation_lines_are_quarantined_with_their_line(tmp_path):
+    from vlit.synth.run import read_annotations
+
+    path = tmp_path / "annotations.jsonl"
+    path.write_text('{"id": "a", "image": "x.png", "captions": ["a red circle"]}\n'
+                    'not json\n\n'
+                    '{"id": "b"}\n'
+                    '{"id": "c", "image": "y.png"}\n'
+                    '{"id": "d", "image": "z.png"}\n')
+    good, bad = read_annotations(str(path), limit=2)
+    assert [a["id"] for a in good] == ["a", "c"]  # the limit counts good ones; d is not read
+    assert [(q["reason"], q["source_ref"].rsplit("/", 1)[-1], q["raw"]) for q in bad] == [
+        ("not_json", "annotations.jsonl:2", "not json"),
+        ("not_annotation", "annotations.jsonl:4", '{"id": "b"}')]
+    assert bad[1]["detail"] == "an annotation needs ['image']"

@@ -21,25 +21,30 @@ LOOPS = ("feedback", "vigc", "self-instruct", "alignment", "qc")
 ANNOTATION_KEYS = ("id", "image")
 
 
-def read_annotations(uri: str, limit: int) -> list[dict]:
+def read_annotations(uri: str, limit: int) -> tuple[list[dict], list[dict]]:
     """Image annotations, one JSON object per line: {id, image, captions, objects: [{name,
-    count, attributes}], ocr: [{text, where}], qa: [{question, answer}]}; a line that is
-    not an object with an id and an image is an error naming the line."""
-    out = []
+    count, attributes}], ocr: [{text, where}], qa: [{question, answer}]}; the first `limit`
+    good ones, and quarantine rows (reason, detail, `uri:line`, raw line) for the lines
+    before them that are not JSON objects with an id and an image."""
+    from vlit.synth.dataset import quarantine_row
+
+    good, bad = [], []
     for n, line in enumerate(storage.read_bytes(uri).decode().splitlines(), 1):
         if not line.strip():
             continue
         try:
             ann = json.loads(line)
         except ValueError as e:
-            raise ConfigError(f"{uri}:{n}: not JSON: {e}") from None
+            bad.append(quarantine_row("not_json", str(e), f"{uri}:{n}", line))
+            continue
         missing = [k for k in ANNOTATION_KEYS if not isinstance(ann, dict) or not ann.get(k)]
         if missing:
-            raise ConfigError(f"{uri}:{n}: an annotation needs {missing}")
-        out.append(ann)
-        if len(out) == limit:
+            bad.append(quarantine_row("not_annotation", f"an annotation needs {missing}", f"{uri}:{n}", line))
+            continue
+        good.append(ann)
+        if len(good) == limit:
             break
-    return out
+    return good, bad
 
 
 @contextmanager
@@ -94,9 +99,9 @@ def run_loop(cfg: Config, loop: str, *, corpus: str | None = None, sources: list
         if loop == "self-instruct":
             from vlit.synth.self_instruct import self_instruct, synth_annotations
             n = loops.self_instruct.images
-            anns = (read_annotations(annotations, n) if annotations
-                    else synth_annotations(storage.normalize(synth_corpus), synth_seed, n))
-            return self_instruct(anns, loops.self_instruct, out, app_name=app)
+            anns, rejected = (read_annotations(annotations, n) if annotations
+                              else (synth_annotations(storage.normalize(synth_corpus), synth_seed, n), []))
+            return self_instruct(anns, loops.self_instruct, out, app_name=app, rejected=rejected)
         if loop == "alignment":
             from vlit.synth.alignment import build_alignment_set
             return build_alignment_set(loops.alignment, sources, out, app_name=app)

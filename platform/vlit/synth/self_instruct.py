@@ -141,11 +141,13 @@ def request(ann: dict, cfg: SelfInstructConfig, index: int) -> dict:
             "max_tokens": cfg.max_tokens, "seed": cfg.seed * 100003 + index}
 
 
-def self_instruct(annotations: list[dict], cfg: SelfInstructConfig, out_root: str, app_name: str = "vlit") -> dict:
+def self_instruct(annotations: list[dict], cfg: SelfInstructConfig, out_root: str, app_name: str = "vlit",
+                  rejected: list[dict] | None = None) -> dict:
     """Dialogues for each annotated image -> a versioned dataset under OUT_ROOT; rows in
-    the Vision-Flan release shape plus provenance."""
+    the Vision-Flan release shape plus provenance. `rejected`: annotations that could not
+    be read, kept in the version's quarantine."""
     reqs = [request(a, cfg, i) for i, a in enumerate(annotations)]
-    rows, quarantine = [], []
+    rows, quarantine = [], list(rejected or [])
     for ann, (result, error) in zip(annotations, serve_calls(reqs, method="chat", app_name=app_name)):
         if error:
             quarantine.append(quarantine_row("generation_failed", error, ann["id"], None))
