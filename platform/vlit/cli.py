@@ -84,8 +84,8 @@ def _prepare(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from vlit.corpus.synth import synth_corpus
 
-    _print(
-        synth_corpus(
+    try:
+        summary = synth_corpus(
             args.out,
             instances=args.instances,
             tasks=args.tasks,
@@ -93,9 +93,24 @@ def _synth(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             templates_per_task=args.templates_per_task,
             seed=args.seed,
+            family_weights=_family_weights(args.family_weight),
         )
-    )
+    except ValueError as e:
+        print(f"vlit corpus synth: {e}", file=sys.stderr)
+        return 2
+    _print(summary)
     return 0
+
+
+def _family_weights(items: list[str]) -> dict[str, float]:
+    weights = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"vlit corpus synth: --family-weight {item!r} is not FAMILY=NUMBER") from None
+    return weights
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -266,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-pool", type=int, default=256)
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--templates-per-task", type=int, default=3)
+    s.add_argument("--family-weight", action="append", default=[], metavar="FAMILY=W",
+                   help="scale a question family's task sizes (repeatable)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_synth)
 

@@ -58,6 +58,15 @@ class SynthConfig(_Strict):
     image_size: int = Field(default=64, ge=16)
     templates_per_task: int = Field(default=3, ge=1)
     seed: int = 0
+    # Question family -> factor on its tasks' sizes (unnamed families: 1); see corpus/synth.py.
+    family_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("family_weights")
+    @classmethod
+    def _known_families(cls, weights: dict[str, float]) -> dict[str, float]:
+        from vlit.corpus.synth import check_family_weights
+
+        return check_family_weights(weights)
 
 
 class PrepareConfig(_Strict):

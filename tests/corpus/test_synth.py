@@ -13,6 +13,7 @@ from PIL import Image
 
 from vlit import storage
 from vlit.corpus.synth import (
+    FAMILIES,
     PALETTE,
     SHAPES,
     WHERE,
@@ -156,9 +157,13 @@ def test_answers_are_true(corpus):
 
     for row in _rows_of(rows, "object_counting"):
         scene = scene_for(SEED, _image_index(row))
-        kinds = _mentioned(_human(row), shape_words)
-        kind = kinds[0][:-1] if kinds else None
-        assert _number(_answer(row)) == scene.count(kind=kind)
+        assert not _mentioned(_human(row), shape_words)
+        assert _number(_answer(row)) == len(scene.shapes)
+
+    for row in _rows_of(rows, "kind_counting"):
+        scene = scene_for(SEED, _image_index(row))
+        (kind,) = _mentioned(_human(row), shape_words)
+        assert _number(_answer(row)) == scene.count(kind=kind[:-1])
 
     for row in _rows_of(rows, "color_counting"):
         scene = scene_for(SEED, _image_index(row))
@@ -236,8 +241,32 @@ def test_unanswerable_family_is_left_out(tmp_path):
     assert len({r["task_name"] for r in rows}) == 12
 
 
+def test_family_weights_shift_the_mix_and_keep_the_total():
+    families = [FAMILIES[i % len(FAMILIES)].name for i in range(187)]
+
+    def share(weights):
+        sizes = task_sizes(10_000, 187, seed=0, scale=[weights.get(f, 1.0) for f in families])
+        assert sum(sizes) == 10_000 and min(sizes) >= 1
+        return sum(n for n, f in zip(sizes, families) if f == "kind_counting") / 10_000
+
+    base, tripled = share({}), share({"kind_counting": 3.0})
+    # x3 on one family's weight mass m: 3m / (3m + 1 - m).
+    assert tripled == pytest.approx(3 * base / (3 * base + 1 - base), abs=0.01)
+    assert share({"size_comparison": 3.0}) < base
+
+
+def test_family_weights_reach_the_rows(tmp_path):
+    summary = synth_corpus(str(tmp_path), instances=600, tasks=22, image_pool=16, seed=1,
+                           family_weights={"object_existence": 20.0})
+    rows = json.loads((tmp_path / "annotation.json").read_text())
+    existence = sum(1 for r in rows if "+object_existence_" in r["task_name"])
+    assert existence == summary["family_rows"]["object_existence"] > 300
+
+
 @pytest.mark.parametrize("bad", [dict(instances=0), dict(tasks=0), dict(image_size=8),
-                                 dict(templates_per_task=1000), dict(seed=-1)])
+                                 dict(templates_per_task=1000), dict(seed=-1),
+                                 dict(family_weights={"counting": 2.0}),
+                                 dict(family_weights={"object_counting": 0.0})])
 def test_rejects_bad_arguments(tmp_path, bad):
     with pytest.raises(ValueError):
         synth_corpus(str(tmp_path), **{"instances": 10, **bad})

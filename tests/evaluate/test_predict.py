@@ -66,7 +66,7 @@ def test_forms_are_the_trained_reply_tokens(tiny):
     prompt, (yes, no) = scorer._encode("k", "<image>\nIs there a red circle in the image?", ["Yes", "no"])
     tokens = processor.tokenizer.convert_ids_to_tokens
     # vicuna_v1: "... ASSISTANT: Yes</s>" -> the reply's space is its own, and no </s>.
-    assert tokens(yes.tolist()) == ["Ġ", "Y", "es"] and tokens(no.tolist()) == ["Ġno"]
+    assert tokens(yes.tolist()) == ["Ġ", "Yes"] and tokens(no.tolist()) == ["Ġno"]
     assert processor.tokenizer.decode(prompt).endswith("? ASSISTANT:")
     with pytest.raises(PredictError, match="eval row bad-row: .*placeholder"):
         scorer._encode("bad-row", "no image token here", ["Yes"])

@@ -23,6 +23,8 @@ Design, and why:
   A family that no pool image can answer (text reading in a pool without text) is left out.
 - Sizes. Task sizes follow Zipf weights over a seeded ranking of the tasks (long tail);
   every task gets at least one row when instances >= tasks, and they sum to `instances`.
+  `family_weights` scales the weights of a family's tasks: a mix that leans toward some
+  question types, as a real corpus's mixture weights do.
 - Scale. 1.66M rows (the full release, ~1 GB of JSON) must stream: facts are computed
   once per (family, image), and memory is O(families x image_pool), not O(instances),
   apart from one int32 per row for the shuffled task order. The per-row choices are drawn
@@ -252,10 +254,11 @@ def _shape_facts(scene: Scene, rng: random.Random) -> list[Fact]:
 
 
 def _object_count_facts(scene: Scene, rng: random.Random) -> list[Fact]:
-    facts = [{"what": "shapes", **_count_slots(len(scene.shapes), "shape", "shapes")}]
-    for kind in SHAPES:
-        facts.append({"what": f"{kind}s", **_count_slots(scene.count(kind=kind), kind, f"{kind}s")})
-    return facts
+    return [{"what": "shapes", **_count_slots(len(scene.shapes), "shape", "shapes")}]
+
+
+def _kind_count_facts(scene: Scene, rng: random.Random) -> list[Fact]:
+    return [{"what": f"{kind}s", **_count_slots(scene.count(kind=kind), kind, f"{kind}s")} for kind in SHAPES]
 
 
 def _color_count_facts(scene: Scene, rng: random.Random) -> list[Fact]:
@@ -357,6 +360,11 @@ FAMILIES = (
             "Count the {what} in the picture.",
             "What is the number of {what} shown?"),
            (("{n}", "digits"), ("{n_word}", "word"), ("The image contains {n_things}.", "sentence"))),
+    Family("kind_counting", "synth-count", _kind_count_facts,
+           ("How many {what} are there in the image?",
+            "Count the {what} in the picture.",
+            "What is the number of {what} shown?"),
+           (("{n}", "digits"), ("{n_word}", "word"), ("The image contains {n_things}.", "sentence"))),
     Family("color_counting", "synth-count", _color_count_facts,
            ("How many {color} shapes are there?",
             "Count the {color} objects in the image.",
@@ -408,6 +416,15 @@ class Task:
     images: tuple[int, ...]  # the pool images this task's family can ask about
 
 
+def check_family_weights(weights: dict[str, float]) -> dict[str, float]:
+    for name, weight in weights.items():
+        if name not in FAMILY_BY_NAME:
+            raise ValueError(f"family_weights: unknown question family {name!r}; expected one of {sorted(FAMILY_BY_NAME)}")
+        if not weight > 0:
+            raise ValueError(f"family_weights: {name} must be > 0, got {weight}")
+    return dict(weights)
+
+
 def family_of(task_name: str) -> Family:
     """The question family of a task, from its name (`dataset+family_variant`)."""
     return FAMILY_BY_NAME[task_name.split("+", 1)[1].rsplit("_", 1)[0]]
@@ -447,10 +464,13 @@ def _build_tasks(seed: int, tasks: int, templates_per_task: int,
     return built
 
 
-def task_sizes(instances: int, tasks: int, seed: int) -> list[int]:
-    """Long-tailed (Zipf) task sizes summing to `instances`; each >= 1 if instances >= tasks."""
+def task_sizes(instances: int, tasks: int, seed: int, scale: list[float] | None = None) -> list[int]:
+    """Long-tailed (Zipf) task sizes summing to `instances`; each >= 1 if instances >= tasks.
+    `scale`: a factor per task on its Zipf weight (its family's weight)."""
     ranks = np.random.default_rng(_derive(seed, "ranks")).permutation(tasks)
     weights = 1.0 / (ranks + 1.0) ** ZIPF_EXPONENT
+    if scale is not None:
+        weights = weights * np.asarray(scale, dtype=float)
     floor = 1 if instances >= tasks else 0
     quota = weights / weights.sum() * (instances - floor * tasks)
     sizes = np.floor(quota).astype(np.int64)
@@ -533,13 +553,18 @@ def _write_annotation(uri: str, blocks: Iterable[str]) -> None:
 
 
 def synth_corpus(out: str, instances: int, tasks: int = 187, image_pool: int = 256,
-                 image_size: int = 64, templates_per_task: int = 3, seed: int = 0) -> dict:
-    """Write a synthetic Vision-Flan release to `out` (a path or s3:// URI); returns a summary."""
+                 image_size: int = 64, templates_per_task: int = 3, seed: int = 0,
+                 family_weights: dict[str, float] | None = None) -> dict:
+    """Write a synthetic Vision-Flan release to `out` (a path or s3:// URI); returns a summary.
+
+    `family_weights`: family name -> factor on the sizes of its tasks (others 1), to shift
+    the mix toward some question families; the total stays `instances`."""
     for name, value, low in (("instances", instances, 1), ("tasks", tasks, 1),
                              ("image_pool", image_pool, 1), ("image_size", image_size, 16),
                              ("templates_per_task", templates_per_task, 1), ("seed", seed, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
+    family_weights = check_family_weights(family_weights or {})
     started = time.monotonic()
     out = storage.normalize(out)
     scenes = [scene_for(seed, i) for i in range(image_pool)]
@@ -547,7 +572,7 @@ def synth_corpus(out: str, instances: int, tasks: int = 187, image_pool: int = 2
     eligible = {name: tuple(i for i, f in enumerate(per_image) if f)
                 for name, per_image in facts.items()}
     task_list = _build_tasks(seed, tasks, templates_per_task, eligible)
-    sizes = task_sizes(instances, tasks, seed)
+    sizes = task_sizes(instances, tasks, seed, [family_weights.get(t.family.name, 1.0) for t in task_list])
 
     _write_images(out, scenes, image_size)
     templates_uri = storage.join(out, "templates.yaml")
@@ -564,6 +589,8 @@ def synth_corpus(out: str, instances: int, tasks: int = 187, image_pool: int = 2
         "instances": instances,
         "tasks": tasks,
         "families": sorted({t.family.name for t in task_list}),
+        "family_rows": {f: sum(n for n, t in zip(sizes, task_list) if t.family.name == f)
+                        for f in sorted({t.family.name for t in task_list})},
         "images": image_pool,
         "templates_per_task": templates_per_task,
         "task_counts_top5": [[name, n] for n, name in by_size[:5]],

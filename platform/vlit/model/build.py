@@ -12,6 +12,7 @@ import hashlib
 import os
 import tempfile
 
+import pyarrow.fs as pafs
 import torch
 from transformers import (
     AutoConfig,
@@ -79,16 +80,26 @@ def _tiny_model(cfg: ModelConfig, processor: LlavaProcessor) -> LlavaForConditio
 def local_copy(uri: str) -> str:
     """A local folder holding the files under `uri`: the folder itself, or a cached copy of
     an s3:// prefix. The copy is written to a temp folder and renamed, so a crashed
-    download never looks complete."""
+    download never looks complete. The cache key covers each object's name, size and
+    modification time, so a model re-exported to the same URI is fetched again, never
+    served stale from the cache (S3 keeps modification times to the second: a same-size
+    re-export within the same second would still match)."""
     if not storage.is_s3(uri):
         return storage.normalize(uri)
-    dest = os.path.join(MODEL_CACHE, hashlib.sha256(storage.normalize(uri).encode()).hexdigest()[:16])
+    root = storage.normalize(uri)
+    fs, path = storage.filesystem(root)
+    infos = sorted((i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File),
+                   key=lambda i: i.path)
+    if not infos:
+        raise FileNotFoundError(f"no model files under {uri}")
+    listing = [root] + [f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos]
+    dest = os.path.join(MODEL_CACHE, hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16])
     if os.path.isdir(dest):
         return dest
     os.makedirs(MODEL_CACHE, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=MODEL_CACHE, prefix=".partial-")
-    root = storage.normalize(uri)
-    for file_uri in storage.list_files(root):
+    for info in infos:
+        file_uri = "s3://" + info.path
         target = os.path.join(tmp, file_uri[len(root) + 1:])
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as f:

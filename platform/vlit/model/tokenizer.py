@@ -3,6 +3,12 @@
 Tests, demos and benchmarks need a real fast tokenizer (the same code path as a LLaMA or
 Vicuna tokenizer in a LLaVA processor) without a download. Byte-level BPE encodes any
 text, so a small training corpus only changes how many tokens a text takes.
+
+The default training text includes the Vicuna system prompt and the synthetic corpus's
+wording (task intros, questions, answers, colour and shape names), so common words are
+whole tokens, as in a real LLaMA vocabulary. With bytes and fragments only, a synthetic
+row took ~2.2x the tokens (141 against 65 for its text), and the tiny model saw ~2x fewer
+rows per CPU-minute of training.
 """
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ import functools
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vlit.corpus import synth
 from vlit.corpus.schema import IMAGE_TOKEN
+from vlit.model.templates import VICUNA_SYSTEM
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Ids 0..4 in this order: pad first so padded batches are zeros.
@@ -34,6 +42,14 @@ _DEFAULT_TEXTS = (
 )
 
 
+def _synthetic_world_texts() -> tuple[str, ...]:
+    answers = [a for f in synth.FAMILIES for a, _ in f.answers]
+    words = [" ".join(synth.PALETTE), " ".join(synth.SHAPES), " ".join(synth.WHERE.values()),
+             " ".join(synth.NUMBER_WORDS), " ".join(synth.WORDS)]
+    hints = [h for pair in synth.HINTS.values() for h in pair]
+    return (VICUNA_SYSTEM, *synth.INTROS, *hints, *(q for f in synth.FAMILIES for q in f.questions), *answers, *words)
+
+
 @functools.lru_cache(maxsize=8)
 def _train(texts: tuple[str, ...], vocab_size: int) -> str:
     """The trained tokenizer as JSON; cached so each process trains a configuration once."""
@@ -51,10 +67,10 @@ def _train(texts: tuple[str, ...], vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def build_tiny_tokenizer(texts=None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(texts=None, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """A fresh `PreTrainedTokenizerFast` (callers may add tokens without affecting others)
     over a byte-level BPE trained on `texts` (default: a built-in instruction corpus)."""
-    texts = tuple(texts) if texts is not None else _DEFAULT_TEXTS
+    texts = tuple(texts) if texts is not None else _DEFAULT_TEXTS + _synthetic_world_texts()
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (specials + 256 bytes), got {vocab_size}")
     return PreTrainedTokenizerFast(
