@@ -25,11 +25,11 @@ def test_ledger_records_a_finished_stage_only(tmp_path):
 
 def test_stage_overrides_apply_to_their_stage_and_are_checked_at_load():
     cfg = load_config("configs/demo.yaml", ["pipeline.overrides.sft2={train.lr: 0.5, corpus.tasks.cap: 7}"])
-    assert cfg.train.lr == 2.0e-3
+    assert cfg.train.lr == 3.0e-4
     sft2 = stage_config(cfg, "sft2", {"train.output": "/somewhere"})
     assert sft2.train.lr == 0.5 and sft2.corpus.tasks.cap == 7 and sft2.train.output == "/somewhere"
     assert sft2.pipeline.overrides == {}  # applied once
-    assert stage_config(cfg, "sft1").train.lr == 2.0e-3
+    assert stage_config(cfg, "sft1").train.lr == 3.0e-4
     with pytest.raises(ConfigError, match=r"pipeline.overrides.sft2: invalid config:\n  train.lrr: Extra inputs"):
         load_config("configs/demo.yaml", ["pipeline.overrides.sft2={train.lrr: 1}"])
     with pytest.raises(ConfigError, match="pipeline.stages must keep the job's order"):

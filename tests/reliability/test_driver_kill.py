@@ -21,7 +21,8 @@ from test_two_stage import job_env, small, summary_of  # noqa: E402
 
 @pytest.mark.timeout(900)
 def test_killed_driver_resumes_at_the_unfinished_stage(tmp_path):
-    args = [*small(tmp_path, "[sft1]"), "train.max_steps=12", "train.checkpoint_every=3"]
+    # 240 rows: enough packed sequences for 12 steps of one worker.
+    args = [*small(tmp_path, "[sft1]"), "corpus.synth.instances=240", "train.max_steps=12", "train.checkpoint_every=3"]
     cmd = [sys.executable, "jobs/two_stage.py", "--config", "configs/demo.yaml", *args]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, cwd=REPO, env=job_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,

@@ -20,7 +20,7 @@ from vlit.train.tracking import tracking_uri
 
 # Ray workers do not share the driver's sys.path: ship the helpers by value.
 cloudpickle.register_pickle_by_value(train_helpers)
-STEPS = 6
+STEPS = 8
 
 
 def _losses(result: dict, cfg) -> list[float]:

@@ -12,7 +12,7 @@ from vlit.corpus.version import CorpusVersion
 from vlit.train import sft
 
 
-def corpus(out: str, instances: int = 96, tasks: int = 4, text_only_every: int = 0, too_long: int = 0) -> CorpusVersion:
+def corpus(out: str, instances: int = 160, tasks: int = 4, text_only_every: int = 0, too_long: int = 0) -> CorpusVersion:
     """A synthetic corpus version; with `text_only_every=k`, every k-th row loses its image
     (and its <image> token), so the stream mixes image and text-only rows; `too_long` rows
     get an instruction longer than any max_len the tests use."""
