@@ -3,7 +3,6 @@ composes them (vlit/two_stage.py): each is a function of the config and says wha
 """
 from __future__ import annotations
 
-import hashlib
 import json
 
 from vlit import storage
@@ -11,6 +10,7 @@ from vlit.config import Config
 from vlit.corpus.prepare import prepare_corpus
 from vlit.corpus.synth import synth_corpus
 from vlit.corpus.version import CorpusVersion
+from vlit.ledger import stage_key
 
 
 def say(stage: str, message: str) -> None:
@@ -20,18 +20,15 @@ def say(stage: str, message: str) -> None:
 def synth_stage(cfg: Config) -> list[str]:
     """A synthetic corpus in the Vision-Flan release format, made once per settings."""
     s = cfg.corpus.synth
-    # Every setting is in the folder's name (the hash covers those not spelled out), so
+    # Every setting is in the folder's name (the key covers those not spelled out), so
     # a changed setting never reuses another corpus.
-    settings = hashlib.sha256(json.dumps(s.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
-    out = storage.join(cfg.corpus.out, "_sources",
-                       f"synth-{s.instances}x{s.tasks}-pool{s.image_pool}-seed{s.seed}-{settings}")
+    out = storage.join(cfg.corpus.out, "_sources", f"synth-{s.instances}x{s.tasks}-pool{s.image_pool}-seed{s.seed}-"
+                                                   f"{stage_key('synth', {}, s.model_dump())[:8]}")
     annotation = storage.join(out, "annotation.json")
     if storage.exists(annotation):
         say("synth", f"reusing {out}")
     else:
-        summary = synth_corpus(out, instances=s.instances, tasks=s.tasks, image_pool=s.image_pool,
-                               image_size=s.image_size, templates_per_task=s.templates_per_task, seed=s.seed,
-                               family_weights=s.family_weights)
+        summary = synth_corpus(out, **s.model_dump())  # the config's fields are its arguments
         say("synth", f"{summary['instances']} instances over {summary['tasks']} tasks, {summary['images']} images -> {out}")
     return [annotation]
 

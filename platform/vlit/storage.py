@@ -208,22 +208,27 @@ def write_json(uri: str, obj) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
-    """Files under `uri` (recursively), as sorted URIs; `uri` itself if it is a file."""
+def list_file_infos(uri: str, suffixes: tuple[str, ...] | None = None) -> list[tuple[str, int, int | None]]:
+    """(URI, size, modification time in ns) of the files under `uri` (recursively), sorted
+    by URI; `uri` itself if it is a file."""
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     prefix = "s3://" if is_s3(uri) else ""
     if info.type == pafs.FileType.File:
-        return [prefix + path]
+        return [(prefix + path, info.size, info.mtime_ns)]
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such file or directory: {uri}")
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    files = [
-        prefix + i.path
+    return sorted(
+        (prefix + i.path, i.size, i.mtime_ns)
         for i in infos
         if i.type == pafs.FileType.File and (suffixes is None or i.path.lower().endswith(suffixes))
-    ]
-    return sorted(files)
+    )
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """Files under `uri` (recursively), as sorted URIs; `uri` itself if it is a file."""
+    return [u for u, _, _ in list_file_infos(uri, suffixes)]
 
 
 def delete_dir(uri: str) -> None:

@@ -582,15 +582,17 @@ def synth_corpus(out: str, instances: int, tasks: int = 187, image_pool: int = 2
     _write_annotation(annotation_uri, _blocks(task_list, sizes, facts, seed))
 
     by_size = sorted(zip(sizes, (t.name for t in task_list)), key=lambda p: (-p[0], p[1]))
+    family_rows: dict[str, int] = {}
+    for n, t in zip(sizes, task_list):
+        family_rows[t.family.name] = family_rows.get(t.family.name, 0) + n
     return {
         "out": out,
         "annotation": annotation_uri,
         "templates": templates_uri,
         "instances": instances,
         "tasks": tasks,
-        "families": sorted({t.family.name for t in task_list}),
-        "family_rows": {f: sum(n for n, t in zip(sizes, task_list) if t.family.name == f)
-                        for f in sorted({t.family.name for t in task_list})},
+        "families": sorted(family_rows),
+        "family_rows": dict(sorted(family_rows.items())),
         "images": image_pool,
         "templates_per_task": templates_per_task,
         "task_counts_top5": [[name, n] for n, name in by_size[:5]],

@@ -12,7 +12,6 @@ import hashlib
 import os
 import tempfile
 
-import pyarrow.fs as pafs
 import torch
 from transformers import (
     AutoConfig,
@@ -87,19 +86,14 @@ def local_copy(uri: str) -> str:
     if not storage.is_s3(uri):
         return storage.normalize(uri)
     root = storage.normalize(uri)
-    fs, path = storage.filesystem(root)
-    infos = sorted((i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File),
-                   key=lambda i: i.path)
-    if not infos:
-        raise FileNotFoundError(f"no model files under {uri}")
-    listing = [root] + [f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos]
+    infos = storage.list_file_infos(root)
+    listing = [root] + [f"{u}\t{size}\t{mtime}" for u, size, mtime in infos]
     dest = os.path.join(MODEL_CACHE, hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16])
     if os.path.isdir(dest):
         return dest
     os.makedirs(MODEL_CACHE, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=MODEL_CACHE, prefix=".partial-")
-    for info in infos:
-        file_uri = "s3://" + info.path
+    for file_uri, _, _ in infos:
         target = os.path.join(tmp, file_uri[len(root) + 1:])
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as f:
