@@ -323,7 +323,7 @@ class DPOConfig(_Strict):
 
 # ---- Evaluation and promotion gates (vlit/evaluate) -------------------------------------
 
-EVAL_SUITES = ("mme", "pope", "circular", "forgetting")
+EVAL_SUITES = ("mme", "pope", "circular", "forgetting", "tasks")
 
 
 class EvalConfig(_Strict):
@@ -332,7 +332,9 @@ class EvalConfig(_Strict):
     must pass before its model is promoted."""
 
     out: str  # where evaluation-set versions live
-    suites: list[Literal["mme", "pope", "circular", "forgetting"]] = Field(default_factory=lambda: list(EVAL_SUITES))
+    # tasks: held-out instances of the synthetic corpus's own tasks (needs corpus.synth).
+    suites: list[Literal["mme", "pope", "circular", "forgetting", "tasks"]] = Field(
+        default_factory=lambda: list(EVAL_SUITES))
     images: int = Field(default=48, ge=1)  # held-out images per suite
     # Held-out scenes are pool indices first_image.. of the synthetic world; must lie
     # beyond corpus.synth.image_pool so no evaluation image was trained on.
@@ -599,6 +601,9 @@ class Config(_Strict):
         if same_world and ev.first_image < synth.image_pool:
             raise ValueError(f"eval.first_image {ev.first_image} lies inside the training pool "
                              f"(corpus.synth.image_pool {synth.image_pool}): evaluation images must be held out")
+        if ev is not None and "tasks" in ev.suites and synth is None and "corpus" in info.data:
+            raise ValueError("eval.suites: the tasks suite asks the synthetic corpus's own tasks, and corpus.synth "
+                             "is not set; list the other suites (eval.suites: [mme, pope, circular, forgetting])")
         return ev
 
 

@@ -29,7 +29,10 @@ from vlit.ledger import Ledger, stage_key
 from vlit.pipeline import corpus_stage, pairs_stage, prepare_stage, say
 from vlit.train.tracking import tracking_uri
 
-TABLE_METRICS = ("mme.acc", "pope.adversarial.f1", "circular.accuracy", "forgetting.accuracy")
+# tasks.accuracy is held-out accuracy on the corpus's own tasks, tasks.chance that of
+# guessing among each question's choices: the pair says whether stage 1 learned.
+TABLE_METRICS = ("tasks.accuracy", "tasks.chance", "mme.acc", "pope.adversarial.f1", "circular.accuracy",
+                 "forgetting.accuracy")
 
 
 def _dump(section) -> dict | None:
@@ -255,7 +258,10 @@ class TwoStageJob:
                 "stages": {s: {k: v for k, v in o.items() if k != "cfg"} for s, o in self.done.items()}}
 
     def table(self) -> str:
-        """stage -> data version, rows, loss, key accuracies."""
+        """stage -> data version, rows, loss, key accuracies; then, when the tasks suite
+        ran, held-out accuracy per question family across the evaluated stages."""
+        from vlit.evaluate.report import text_table
+
         header = ["stage", "data", "rows", "loss", *TABLE_METRICS]
         rows = []
         for stage, out in self.done.items():
@@ -265,9 +271,16 @@ class TwoStageJob:
             rows.append([stage, digest[:12] or "-", str(out.get("rows") or "-"),
                          "-" if loss is None else f"{loss:.4f}",
                          *("-" if metrics.get(m) is None else f"{metrics[m]:.3f}" for m in TABLE_METRICS)])
-        from vlit.evaluate.report import text_table
-
-        return text_table(header, rows)
+        table = text_table(header, rows)
+        evaluated = {stage: out["metrics"] for stage, out in self.done.items() if out.get("metrics")}
+        families = sorted({m.split(".")[1] for ms in evaluated.values() for m in ms
+                           if m.startswith("tasks.") and m.endswith(".chance") and m.count(".") == 2})
+        if not families:
+            return table
+        family_rows = [[family, f"{max(ms.get(f'tasks.{family}.chance', 0.0) for ms in evaluated.values()):.3f}",
+                        *("-" if ms.get(f"tasks.{family}.accuracy") is None else f"{ms[f'tasks.{family}.accuracy']:.3f}"
+                          for ms in evaluated.values())] for family in families]
+        return table + "\n" + text_table(["held-out task", "guessing", *evaluated], family_rows)
 
 
 def build_alignment(cfg: Config, corpus: dict, out: str) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import random
 import re
 from pathlib import Path
 
@@ -231,6 +232,27 @@ def test_pixels_match_the_scene(corpus):
         # Text is drawn in black (anti-aliased greys): dark pixels exactly when there is text.
         dark = (pixels < 100).all(axis=-1).any()
         assert dark == (scene.text is not None), index
+
+
+def test_alternatives_are_every_answer_the_question_could_have():
+    """What the held-out tasks suite scores: per fact, the same question with each possible
+    answer, the true one among them once, in every answer format of the family."""
+    for family in FAMILIES:
+        sizes = set()
+        for i in range(40):
+            for fact in family.facts(scene_for(SEED, i), random.Random(i)):
+                others = family.alternatives(fact)
+                for form, _ in family.answers:
+                    answers = [form.format_map(f) for f in others]
+                    assert answers.count(form.format_map(fact)) == 1 and len(set(answers)) == len(answers)
+                    # The question stays the question: only answer slots change.
+                    assert {q.format_map(f) for f in others for q in family.questions} == \
+                        {q.format_map(fact) for q in family.questions}
+                sizes.add(len(others))
+        expected = {"color_identification": {6}, "shape_identification": {3}, "object_localization": {5},
+                    "size_comparison": {2}, "text_recognition": {12}, "object_existence": {2},
+                    "color_choice": {3, 4}, "shape_choice": {3}}.get(family.name, {5})  # counts: 0-4
+        assert sizes == expected, family.name
 
 
 def test_unanswerable_family_is_left_out(tmp_path):

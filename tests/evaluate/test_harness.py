@@ -40,12 +40,15 @@ def _new_run(cfg):
 def test_run_eval_logs_metrics_lineage_and_gates_promote(cfg, tmp_path):
     client, run_id = _new_run(cfg)
     sets = build_eval_sets(cfg)
-    assert sorted(sets) == ["circular", "forgetting", "mme", "pope"]
+    assert sorted(sets) == ["circular", "forgetting", "mme", "pope", "tasks"]
     base = run_eval(cfg, None, sets, stage="base")
     after = run_eval(cfg, None, sets, stage="stage1", run_id=run_id, baseline=base)
     # The untrained model answers the same whatever the image: chance-level, never circular.
     assert base["mme.acc"] == 0.5 and base["mme.acc_plus"] == 0.0 and base["circular.accuracy"] == 0.0
     assert {"pope.random.f1", "pope.popular.f1", "pope.adversarial.f1", "forgetting.color.accuracy"} <= set(base)
+    # The corpus's own tasks, each family's accuracy beside guessing among its choices.
+    assert base["tasks.object_counting.chance"] == pytest.approx(0.2) and base["tasks.object_existence.chance"] == 0.5
+    assert 0.0 <= base["tasks.accuracy"] <= 1.0 and 0.0 < base["tasks.chance"] < 1.0
     assert after["forgetting.min_delta"] == 0.0 and after["forgetting.color.delta"] == 0.0  # same model
 
     run = client.get_run(run_id)
@@ -83,6 +86,8 @@ def test_eval_section_is_required_and_validated(cfg):
         load_config("configs/demo.yaml", ["eval.out=/x", "eval.first_image=3"])
     with pytest.raises(ConfigError, match="no suite 'mmx'"):
         load_config("configs/demo.yaml", ["eval.out=/x", "eval.gates={mmx.acc: 0.5}"])
+    with pytest.raises(ConfigError, match="the tasks suite asks the synthetic corpus's own tasks"):
+        load_config("configs/two_stage.yaml", ["eval.suites=[mme, tasks]", "eval.gates={}"])
 
 
 def test_cli_sets_and_gate_exit_code(cfg, tmp_path, capsys):

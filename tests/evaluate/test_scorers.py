@@ -3,8 +3,8 @@ import pytest
 
 from vlit.evaluate.gates import GateFailed, check_gates, enforce_gates
 from vlit.evaluate.report import comparison_table
-from vlit.evaluate.scorers import (ScoreError, accuracy_by_task, circular_scores, forgetting, mme_scores,
-                                   parse_choice, parse_yes_no, pope_scores)
+from vlit.evaluate.scorers import (ScoreError, accuracy_and_chance, accuracy_by_task, circular_scores, forgetting,
+                                   mme_scores, parse_choice, parse_yes_no, pope_scores)
 
 
 def yn(task, group, answer, prediction):
@@ -69,6 +69,15 @@ def test_forgetting_deltas():
     assert d == {"color.delta": -0.25, "shape.delta": 0.25, "min_delta": -0.25, "mean_delta": 0.0}
     with pytest.raises(ScoreError, match=r"one side only: \['shape'\]"):
         forgetting(before, {"color.accuracy": 0.5})
+
+
+def test_held_out_tasks_accuracy_beside_chance():
+    counts = [str(n) for n in range(5)]
+    rows = ([{**yn("object_counting", i, "2", "2" if i < 3 else "4"), "labels": counts} for i in range(4)]
+            + [{**yn("object_existence", i, "yes", "yes"), "labels": ["yes", "no"]} for i in range(2)])
+    assert accuracy_and_chance(rows) == pytest.approx({
+        "object_counting.accuracy": 0.75, "object_existence.accuracy": 1.0, "accuracy": 0.875,
+        "object_counting.chance": 0.2, "object_existence.chance": 0.5, "chance": 0.35})
 
 
 def test_parsers_follow_mme_and_pope():

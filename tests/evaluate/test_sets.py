@@ -7,10 +7,15 @@ from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
 
-from vlit.corpus.synth import PALETTE, SHAPES, WHERE, scene_for
+import pytest
+
+from vlit.config import SynthConfig
+from vlit.corpus.synth import PALETTE, SHAPES, WHERE, corpus_tasks, scene_for, task_sizes
 from vlit.evaluate.sets import SUITES, EvalSet, EvalSpec, build_eval_set, suite_rows
 
-SPEC = EvalSpec(seed=3, first_image=500, images=12, image_size=32)
+# The corpus the tasks suite asks about: 20 tasks over the 11 question families.
+SYNTH = SynthConfig(instances=500, tasks=20, image_pool=16, image_size=32, seed=3).model_dump()
+SPEC = EvalSpec(seed=3, first_image=500, images=12, image_size=32, synth=SYNTH)
 
 
 def rows_of(suite, spec=SPEC):
@@ -94,6 +99,47 @@ def test_forgetting_classes_and_deterministic_rows():
             assert r["answer"] == str(len(scene_of(r).shapes))
     assert rows_of("forgetting")[0] == rows  # same spec, same rows
     assert rows_of("forgetting", EvalSpec(seed=4, first_image=500, images=12, image_size=32))[0] != rows
+
+
+def test_tasks_suite_asks_the_corpus_tasks_in_their_own_form():
+    rows, _ = rows_of("tasks")
+    tasks = corpus_tasks(3, 20, 3, 16)
+
+    def pattern(template, question):
+        slot = re.escape(question).replace(re.escape("{"), "{").replace(re.escape("}"), "}")
+        slot = re.sub(r"\{\w+\}", ".+", slot)
+        return re.escape(template).replace(re.escape("{input_text}"), slot).replace(re.escape("{options}"), ".+")
+
+    families = Counter(r["task"] for r in rows)
+    assert set(families) == {t.family.name for t in tasks}
+    assert families["object_counting"] == 12  # one row per image and family that applies
+    for r in rows:
+        # Every choice is the task's answer format filled with another possible answer.
+        assert r["answer"] in r["labels"] and len(set(r["labels"])) == len(r["labels"]) >= 2
+        assert r["choices"] == [[label] for label in r["labels"]]
+        assert r["prompt"].startswith("<image>\n") != r["prompt"].endswith("\n<image>")
+        body = r["prompt"].removeprefix("<image>\n").removesuffix("\n<image>")
+        # The body is one of the family's corpus tasks' templates, with one of its questions.
+        assert any(re.fullmatch(pattern(t, task.question), body, re.S)
+                   for task in tasks if task.family.name == r["task"] for t in task.templates), r["key"]
+        if r["task"] == "object_counting":
+            n = len(scene_of(r).shapes)
+            assert any(w in r["answer"] for w in (str(n), ("one", "two", "three", "four")[n - 1]))
+            assert len(r["labels"]) == 5  # no, one, two, three or four
+    assert rows_of("tasks")[0] == rows  # same spec, same rows
+
+
+def test_tasks_suite_follows_the_corpus_mix_and_needs_its_settings():
+    # A family weighted down to nothing in the corpus is drawn by its remaining tasks only;
+    # with instances < tasks some tasks have no rows and are never asked.
+    small = {**SYNTH, "instances": 11, "tasks": 20}
+    sizes = task_sizes(11, 20, 3)
+    asked = {r["task"] for r in suite_rows("tasks", EvalSpec(seed=3, first_image=500, images=12, image_size=32,
+                                                              synth=small))[0].to_pylist()}
+    present = {t.family.name for t, n in zip(corpus_tasks(3, 20, 3, 16), sizes) if n}
+    assert asked == present and len(present) < 11
+    with pytest.raises(ValueError, match="corpus.synth"):
+        suite_rows("tasks", EvalSpec(seed=3, first_image=500, images=2, image_size=32))
 
 
 def test_versions_are_content_addressed_and_reused(tmp_path):

@@ -19,7 +19,7 @@ def _generate(model, processor) -> torch.Tensor:
 def test_build_export_reload_generate(tmp_path, s3):
     model, processor = build_model_and_processor(ModelConfig(preset="tiny"))
     assert type(model).__name__ == "LlavaForConditionalGeneration"
-    assert model.config.text_config.hidden_size == 64 and model.config.vision_config.patch_size == 8
+    assert model.config.text_config.hidden_size == 128 and model.config.vision_config.patch_size == 8
     model.eval()
     expected = _generate(model, processor)
     assert expected.shape[1] > 16 + 4  # 16 image tokens, the prompt, new tokens

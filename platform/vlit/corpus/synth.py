@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -236,7 +237,8 @@ def _pick_options(correct: str, pool: tuple[str, ...], n: int, rng: random.Rando
 
 def _count_slots(n: int, singular: str, plural: str) -> Fact:
     things = f"no {plural}" if n == 0 else f"{NUMBER_WORDS[n]} {singular if n == 1 else plural}"
-    return {"n": str(n), "n_word": NUMBER_WORDS[n], "n_things": things}
+    # The unit words stay in the fact, so `_other_counts` can phrase any other count.
+    return {"n": str(n), "n_word": NUMBER_WORDS[n], "n_things": things, "unit": singular, "units": plural}
 
 
 def _color_facts(scene: Scene, rng: random.Random) -> list[Fact]:
@@ -305,16 +307,14 @@ def _existence_facts(scene: Scene, rng: random.Random) -> list[Fact]:
                    if (k, c) not in present
                    and any(k == pk or c == pc for pk, pc in present)})
     absent = rng.sample(near, min(len(present), len(near)))
-
-    def fact(kind: str, color: str, yes: bool) -> Fact:
-        sentence = (f"Yes, there is a {color} {kind}." if yes
-                    else f"No, there is no {color} {kind}.")
-        return {"object": f"{color} {kind}", "yes": "yes" if yes else "no",
-                "Yes": "Yes" if yes else "No", "yes_sentence": sentence}
-
-    return [fact(s.kind, s.color, True) for s in scene.shapes] + [
-        fact(k, c, False) for k, c in absent
+    return [_existence_slots(s.name, True) for s in scene.shapes] + [
+        _existence_slots(f"{c} {k}", False) for k, c in absent
     ]
+
+
+def _existence_slots(obj: str, yes: bool) -> Fact:
+    sentence = f"Yes, there is a {obj}." if yes else f"No, there is no {obj}."
+    return {"object": obj, "yes": "yes" if yes else "no", "Yes": "Yes" if yes else "No", "yes_sentence": sentence}
 
 
 def _color_choice_facts(scene: Scene, rng: random.Random) -> list[Fact]:
@@ -331,6 +331,43 @@ def _shape_choice_facts(scene: Scene, rng: random.Random) -> list[Fact]:
     ]
 
 
+# A fact's alternatives: the same question's fact for every answer it could have (the
+# true one included), so an evaluation can score each candidate answer in the task's own
+# answer format ("The image contains two shapes." against "... three shapes.").
+def _other_colors(f: Fact) -> list[Fact]:
+    return [{**f, "color": c, "Color": c.capitalize()} for c in PALETTE]
+
+
+def _other_kinds(f: Fact) -> list[Fact]:
+    return [{**f, "kind": k, "Kind": k.capitalize()} for k in SHAPES]
+
+
+def _other_counts(f: Fact) -> list[Fact]:
+    return [{**f, **_count_slots(n, f["unit"], f["units"])} for n in range(len(NUMBER_WORDS))]
+
+
+def _other_positions(f: Fact) -> list[Fact]:
+    return [{**f, "position": p, "where": WHERE[p]} for p in POSITIONS]
+
+
+def _other_sizes(f: Fact) -> list[Fact]:
+    return [f, {**f, "larger": f["smaller"], "smaller": f["larger"]}]
+
+
+def _other_texts(f: Fact) -> list[Fact]:
+    return [{**f, "text": w} for w in WORDS]
+
+
+def _other_existence(f: Fact) -> list[Fact]:
+    return [{**f, **_existence_slots(f["object"], yes)} for yes in (True, False)]
+
+
+def _other_options(f: Fact) -> list[Fact]:
+    # The options slot is "(a) x (b) y ...": each option is a candidate answer.
+    return [{**f, "answer": f"({letter}) {text}"}
+            for letter, text in re.findall(r"\(([a-h])\) (.+?)(?= \([a-h]\) |$)", f["options"])]
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -338,6 +375,7 @@ class Family:
     facts: Callable[[Scene, random.Random], list[Fact]]
     questions: tuple[str, ...]
     answers: tuple[tuple[str, str], ...]  # (answer format, hint kind)
+    alternatives: Callable[[Fact], list[Fact]]
 
     @property
     def choice(self) -> bool:
@@ -349,58 +387,58 @@ FAMILIES = (
            ("What colour is the shape {where}?",
             "Which colour does the figure {where} have?",
             "Name the colour of the object {where}."),
-           (("{color}", "word"), ("{Color}", "word"), ("The shape {where} is {color}.", "sentence"))),
+           (("{color}", "word"), ("{Color}", "word"), ("The shape {where} is {color}.", "sentence")), _other_colors),
     Family("shape_identification", "synth-shapes", _shape_facts,
            ("What shape is {where}?",
             "Which kind of shape is drawn {where}?",
             "Identify the shape {where}."),
-           (("{kind}", "word"), ("{Kind}", "word"), ("The shape {where} is a {kind}.", "sentence"))),
+           (("{kind}", "word"), ("{Kind}", "word"), ("The shape {where} is a {kind}.", "sentence")), _other_kinds),
     Family("object_counting", "synth-count", _object_count_facts,
            ("How many {what} are there in the image?",
             "Count the {what} in the picture.",
             "What is the number of {what} shown?"),
-           (("{n}", "digits"), ("{n_word}", "word"), ("The image contains {n_things}.", "sentence"))),
+           (("{n}", "digits"), ("{n_word}", "word"), ("The image contains {n_things}.", "sentence")), _other_counts),
     Family("kind_counting", "synth-count", _kind_count_facts,
            ("How many {what} are there in the image?",
             "Count the {what} in the picture.",
             "What is the number of {what} shown?"),
-           (("{n}", "digits"), ("{n_word}", "word"), ("The image contains {n_things}.", "sentence"))),
+           (("{n}", "digits"), ("{n_word}", "word"), ("The image contains {n_things}.", "sentence")), _other_counts),
     Family("color_counting", "synth-count", _color_count_facts,
            ("How many {color} shapes are there?",
             "Count the {color} objects in the image.",
             "What is the number of {color} figures in the picture?"),
-           (("{n}", "digits"), ("{n_word}", "word"), ("The image contains {n_things}.", "sentence"))),
+           (("{n}", "digits"), ("{n_word}", "word"), ("The image contains {n_things}.", "sentence")), _other_counts),
     Family("object_localization", "synth-shapes", _localization_facts,
            ("Where is the {object}?",
             "In which part of the image is the {object}?",
             "Locate the {object}."),
-           (("{position}", "word"), ("{where}", "phrase"), ("The {object} is {where}.", "sentence"))),
+           (("{position}", "word"), ("{where}", "phrase"), ("The {object} is {where}.", "sentence")), _other_positions),
     Family("size_comparison", "synth-shapes", _size_comparison_facts,
            ("Which is larger, the {a} or the {b}?",
             "Which one is bigger: the {a} or the {b}?",
             "Between the {a} and the {b}, which is larger?"),
            (("the {larger}", "phrase"), ("{larger}", "phrase"),
-            ("The {larger} is larger than the {smaller}.", "sentence"))),
+            ("The {larger} is larger than the {smaller}.", "sentence")), _other_sizes),
     Family("text_recognition", "synth-ocr", _text_facts,
            ("What word is written in the image?",
             "Read the text shown in the picture.",
             "What does the text {where} say?"),
-           (("{text}", "text"), ('The text says "{text}".', "sentence"))),
+           (("{text}", "text"), ('The text says "{text}".', "sentence")), _other_texts),
     Family("object_existence", "synth-shapes", _existence_facts,
            ("Is there a {object} in the image?",
             "Does the picture contain a {object}?",
             "Can you see a {object}?"),
-           (("{yes}", "yesno"), ("{Yes}", "yesno"), ("{yes_sentence}", "sentence"))),
+           (("{yes}", "yesno"), ("{Yes}", "yesno"), ("{yes_sentence}", "sentence")), _other_existence),
     Family("color_choice", "synth-choice", _color_choice_facts,
            ("What colour is the shape {where}?",
             "Which colour is the figure {where}?",
             "Select the colour of the object {where}."),
-           (("{answer}", "choice"),)),
+           (("{answer}", "choice"),), _other_options),
     Family("shape_choice", "synth-choice", _shape_choice_facts,
            ("Which shape is {where}?",
             "What kind of {color} figure is {where}?",
             "Select the shape of the {color} object {where}."),
-           (("{answer}", "choice"),)),
+           (("{answer}", "choice"),), _other_options),
 )
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -462,6 +500,23 @@ def _build_tasks(seed: int, tasks: int, templates_per_task: int,
             images=eligible[family.name],
         ))
     return built
+
+
+def _eligible(facts: dict[str, list[list[Fact]]]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(i for i, f in enumerate(per_image) if f) for name, per_image in facts.items()}
+
+
+def corpus_tasks(seed: int = 0, tasks: int = 187, templates_per_task: int = 3,
+                 image_pool: int = 256) -> list[Task]:
+    """The tasks `synth_corpus` makes with these settings (names, questions, answer
+    formats, templates), without writing anything: what evaluation asks held-out
+    instances of."""
+    scenes = [scene_for(seed, i) for i in range(image_pool)]
+    return _build_tasks(seed, tasks, templates_per_task, _eligible(_fact_table(seed, scenes)))
+
+
+def family_scale(task_list: list[Task], family_weights: dict[str, float]) -> list[float]:
+    return [family_weights.get(t.family.name, 1.0) for t in task_list]
 
 
 def task_sizes(instances: int, tasks: int, seed: int, scale: list[float] | None = None) -> list[int]:
@@ -569,10 +624,8 @@ def synth_corpus(out: str, instances: int, tasks: int = 187, image_pool: int = 2
     out = storage.normalize(out)
     scenes = [scene_for(seed, i) for i in range(image_pool)]
     facts = _fact_table(seed, scenes)
-    eligible = {name: tuple(i for i, f in enumerate(per_image) if f)
-                for name, per_image in facts.items()}
-    task_list = _build_tasks(seed, tasks, templates_per_task, eligible)
-    sizes = task_sizes(instances, tasks, seed, [family_weights.get(t.family.name, 1.0) for t in task_list])
+    task_list = _build_tasks(seed, tasks, templates_per_task, _eligible(facts))
+    sizes = task_sizes(instances, tasks, seed, family_scale(task_list, family_weights))
 
     _write_images(out, scenes, image_size)
     templates_uri = storage.join(out, "templates.yaml")

@@ -7,7 +7,8 @@ them with the stage's model, score each suite, and log it all to the stage's MLf
     gate_and_promote(tracking_uri(cfg), m1, cfg.eval.gates, stage="stage1", ...)
 
 Metric names are `<suite>.<metric>` (`mme.acc`, `pope.adversarial.f1`,
-`circular.accuracy`, `forgetting.color.accuracy`, and with a baseline
+`circular.accuracy`, `forgetting.color.accuracy`, `tasks.accuracy` beside `tasks.chance`,
+and with a baseline
 `forgetting.min_delta`), the names gates use.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ SCORERS = {
     "pope": scorers.pope_scores,
     "circular": scorers.circular_scores,
     "forgetting": scorers.accuracy_by_task,
+    "tasks": scorers.accuracy_and_chance,
 }
 
 
@@ -41,7 +43,7 @@ def eval_spec(cfg: Config) -> EvalSpec:
     seed = ev.seed if ev.seed is not None else (synth.seed if synth else 0)
     size = ev.image_size or (synth.image_size if synth else 64)
     return EvalSpec(seed=seed, first_image=ev.first_image, images=ev.images, image_size=size,
-                    pope_objects=ev.pope_objects, intro=ev.intro)
+                    pope_objects=ev.pope_objects, intro=ev.intro, synth=synth.model_dump() if synth else None)
 
 
 def build_eval_sets(cfg: Config) -> dict[str, EvalSet]:

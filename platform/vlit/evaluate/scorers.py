@@ -18,6 +18,8 @@ same scorers serve a tiny model on CPU and a served 13B model.
   row with the same `group`; the question counts as right only if every rotation is.
 - `accuracy_by_task` and `forgetting`: the forgetting suite, measured after each stage
   and compared with the model before it.
+- `accuracy_and_chance`: the held-out tasks suite, each task's accuracy beside the
+  accuracy of guessing among its choices.
 """
 from __future__ import annotations
 
@@ -164,6 +166,19 @@ def accuracy_by_task(rows: Iterable[dict]) -> dict[str, float]:
     rows = _check(rows)
     out = {f"{task}.accuracy": sum(map(_right, r)) / len(r) for task, r in _by(rows, "task").items()}
     out["accuracy"] = sum(out.values()) / len(out)
+    return out
+
+
+def accuracy_and_chance(rows: Iterable[dict]) -> dict[str, float]:
+    """`accuracy_by_task` and the accuracy of guessing, {<task>.chance, chance}: the held-out
+    tasks suite, whose questions have from 2 to 12 choices, so "above chance" needs its
+    own baseline per task. `labels` of a row are its choices."""
+    rows = _check(rows)
+    out = accuracy_by_task(rows)
+    for task, task_rows in _by(rows, "task").items():
+        out[f"{task}.chance"] = sum(1 / len(r["labels"]) for r in task_rows) / len(task_rows)
+    chances = [v for k, v in out.items() if k.endswith(".chance")]
+    out["chance"] = sum(chances) / len(chances)
     return out
 
 

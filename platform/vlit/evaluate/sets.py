@@ -16,6 +16,13 @@ Suites (a row's `task` in parentheses):
 - circular: multiple choice (color_choice, shape_choice), one row per rotation of the
   options; a row's `group` names its question.
 - forgetting: classification (color, shape, count) measured after each stage.
+- tasks: held-out instances of the synthetic corpus's own tasks. Per image and question
+  family, one task drawn with the corpus's task sizes as weights (a held-out split mixed
+  as the corpus is), asked with the task's own phrasing, template and answer format; the
+  choices are every answer the question could have, in that format (`Family.alternatives`:
+  "The image contains two shapes." against "... three shapes."). A row's `task` is the
+  family. This is the suite that says whether a model learned what it was trained on;
+  the others fix one wording per question type, as the public benchmarks do.
 
 Layout of one version (OUT is a folder or s3:// prefix):
 
@@ -40,11 +47,12 @@ import pyarrow.parquet as pq
 from vlit import storage
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.corpus.synth import (CHOICE_LAYOUTS, HINTS, INTROS, LAYOUTS, NUMBER_WORDS, PALETTE, POSITIONS,
-                               SHAPES, WHERE, Scene, render_scene, scene_for)
+                               SHAPES, WHERE, Scene, corpus_tasks, family_scale, render_scene, scene_for,
+                               task_sizes)
 from vlit.digest import TableDigest
 
 SCHEMA_VERSION = 1
-SUITES = ("mme", "pope", "circular", "forgetting")
+SUITES = ("mme", "pope", "circular", "forgetting", "tasks")
 MANIFEST, DATA = "manifest.json", "data.parquet"
 
 EVAL_SCHEMA = pa.schema([
@@ -78,6 +86,9 @@ class EvalSpec:
     # The corpus's task intro before each question. Off: question and format hint only
     # (about 100 fewer tokens; what the in-process learning test trains on).
     intro: bool = True
+    # The synthetic corpus's settings (corpus.synth's fields): the tasks suite asks its
+    # tasks. None: no synthetic corpus, and no tasks suite.
+    synth: dict | None = None
 
 
 class _Draw:
@@ -197,7 +208,41 @@ def _forgetting(scene: Scene, draw: _Draw) -> list[dict]:
     ]
 
 
-BUILDERS = {"mme": _mme, "pope": _pope, "circular": _circular, "forgetting": _forgetting}
+def _corpus_task_mix(spec: EvalSpec) -> dict[str, tuple[list, list[int]]]:
+    """family -> (its tasks, their sizes in the corpus): what the tasks suite draws from."""
+    if spec.synth is None:
+        raise ValueError("the tasks suite asks the synthetic corpus's own tasks: it needs the corpus.synth settings")
+    s = spec.synth
+    tasks = corpus_tasks(s["seed"], s["tasks"], s["templates_per_task"], s["image_pool"])
+    sizes = task_sizes(s["instances"], s["tasks"], s["seed"], family_scale(tasks, s.get("family_weights") or {}))
+    mix: dict[str, tuple[list, list[int]]] = {}
+    for task, size in zip(tasks, sizes):
+        if size:
+            mix.setdefault(task.family.name, ([], []))
+            mix[task.family.name][0].append(task)
+            mix[task.family.name][1].append(size)
+    return mix
+
+
+def _tasks(scene: Scene, draw: _Draw) -> list[dict]:
+    rng, rows = draw.rng, []
+    for family, (tasks, sizes) in draw.stats.items():
+        task = rng.choices(tasks, weights=sizes)[0]
+        facts = task.family.facts(scene, rng)
+        if not facts:  # e.g. text reading on an image without text
+            continue
+        fact = rng.choice(facts)
+        body = rng.choice(task.templates).format(input_text=task.question.format_map(fact),
+                                                  options=fact.get("options", ""))
+        # As in the corpus, <image> comes first or last in the user turn.
+        prompt = f"{IMAGE_TOKEN}\n{body}" if rng.random() < 0.5 else f"{body}\n{IMAGE_TOKEN}"
+        forms = [task.answer.format_map(f) for f in task.family.alternatives(fact)]
+        rows.append({"task": family, "prompt": prompt, "choices": [[f] for f in forms], "labels": forms,
+                     "answer": task.answer.format_map(fact)})
+    return rows
+
+
+BUILDERS = {"mme": _mme, "pope": _pope, "circular": _circular, "forgetting": _forgetting, "tasks": _tasks}
 
 
 def _png(scene: Scene, size: int) -> bytes:
@@ -212,7 +257,7 @@ def suite_rows(suite: str, spec: EvalSpec) -> tuple[pa.Table, dict[str, bytes]]:
         raise ValueError(f"unknown evaluation suite {suite!r}; expected one of {SUITES}")
     indices = range(spec.first_image, spec.first_image + spec.images)
     scenes = [scene_for(spec.seed, i) for i in indices]
-    stats = _pope_stats(scenes) if suite == "pope" else None
+    stats = _pope_stats(scenes) if suite == "pope" else _corpus_task_mix(spec) if suite == "tasks" else None
     rows, images = [], {}
     for index, scene in zip(indices, scenes):
         image = f"images/img_{index:07d}.png"

@@ -1,7 +1,7 @@
 """Build, export and reload LLaVA-architecture models and their processors.
 
 `model.preset: tiny` builds a small LLaVA from config (CLIP vision tower + MLP projector +
-Llama LLM, hidden 64, 2 layers, 32 px images, patch 8) with the offline BPE tokenizer: the
+Llama LLM, hidden 128, 2 layers, 32 px images, patch 8) with the offline BPE tokenizer: the
 same code paths as a real LLaVA-1.5, in seconds on a CPU. `model.path` loads real weights
 in Hugging Face format from a folder or an s3:// URI (copied to a local cache first,
 because `from_pretrained` reads local files).
@@ -31,7 +31,7 @@ from vlit.model.tokenizer import build_tiny_tokenizer
 
 TINY_IMAGE_SIZE = 32
 TINY_PATCH_SIZE = 8
-TINY_HIDDEN = 64
+TINY_HIDDEN = 128
 TINY_LAYERS = 2
 TINY_HEADS = 4
 # Where s3:// models are copied before `from_pretrained` (one folder per URI).

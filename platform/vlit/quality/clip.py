@@ -2,7 +2,7 @@
 review's quality control (section 4.2.3) that needs no judge.
 
 `DualEncoder.load(None)` builds the tiny one from config (a CLIP text and vision tower,
-hidden 64, over the offline tokenizer): untrained, so its scores carry no meaning, but
+the tiny LLaVA's sizes, over the offline tokenizer): untrained, so its scores carry no meaning, but
 every code path a real CLIP takes runs on CPU in seconds. `DualEncoder.load(PATH)` loads
 a real CLIP (e.g. openai/clip-vit-large-patch14-336) in Hugging Face format from a
 folder or an s3:// URI. The score of an (image, text) pair is the cosine similarity of
