@@ -13,6 +13,7 @@ backward and step in one process. Throughput is real (non-padding) tokens over t
 time of the steps after the first --warmup ones.
 
     python bench/sft_bench.py [--instances 2000 --steps 80 --warmup 5 --micro-batch 4 --zero-stage 2 --repeats 3]
+    python bench/sft_bench.py --deepspeed-only    # DeepSpeed's engine alone against the bare loop
 """
 from __future__ import annotations
 
@@ -103,6 +104,33 @@ def bare_rate(cfg: Config, batches: list[dict], warmup: int) -> float:
     return tokens / seconds
 
 
+def deepspeed_rate(cfg: Config, batches: list[dict], warmup: int) -> float:
+    """The bare loop's batches through the platform's DeepSpeed engine in this process (no
+    Ray, no data plane): what DeepSpeed alone costs against the bare loop. The process
+    group (world size 1) is made by the first call and kept: DeepSpeed caches its groups."""
+    from vlit.train.strategy import DeepSpeedStrategy, deepspeed_config
+
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("VLIT_BENCH_PORT", "29533")})
+    strategy = DeepSpeedStrategy(cfg.train, deepspeed_config(cfg.train, cfg.model))
+    strategy.setup_distributed()
+    model, _ = build_model_and_processor(cfg.model)
+    engine = strategy.prepare(model, total_steps=len(batches))
+    tokens, seconds = 0, 0.0
+    for step, batch in enumerate(batches, start=1):
+        start = time.perf_counter()
+        # The engine runs the model inside `EveryRankVision`, which returns the logits.
+        logits = engine(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                        attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE)
+        strategy.backward(loss)
+        strategy.step()
+        if step > warmup:
+            seconds += time.perf_counter() - start
+            tokens += int((batch["segment_ids"] > 0).sum())
+    return tokens / seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--instances", type=int, default=2000)
@@ -112,6 +140,9 @@ def main() -> None:
     p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of (streaming, materialized, bare); ratios are taken within a round")
+    p.add_argument("--deepspeed-only", action="store_true",
+                   help="rounds of (DeepSpeed engine in this process, bare) on the same batches: no Ray, "
+                        "no data plane, so the gap is DeepSpeed's alone")
     args = p.parse_args()
     print("$ " + " ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]]), flush=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -125,6 +156,19 @@ def main() -> None:
     batches = same_batches(cfg, version, args.steps)
     print(f"tiny LLaVA, {version.rows} rows, {args.steps} steps of {args.micro_batch} packed sequences "
           f"(max_len 512), first {args.warmup} untimed, ZeRO-{args.zero_stage}, {os.cpu_count()} cores", flush=True)
+
+    if args.deepspeed_only:
+        ray.shutdown()
+        torch.set_num_threads(1)
+        pairs = []
+        for r in range(args.repeats):
+            ds, bare = deepspeed_rate(cfg, batches, args.warmup), bare_rate(cfg, batches, args.warmup)
+            pairs.append(ds / bare)
+            print(f"round {r + 1}: DeepSpeed engine {ds:8.1f}, bare {bare:8.1f} tokens/s; ratio {ds / bare:.2f}",
+                  flush=True)
+        print(f"ratio DeepSpeed/bare over {len(pairs)} round(s), median [min, max]: {np.median(pairs):.2f} "
+              f"[{min(pairs):.2f}, {max(pairs):.2f}]")
+        return
 
     # The machine's speed drifts between runs (the bare loop alone moves ~5%), so each
     # round measures all three back to back and the ratios are taken within the round.
