@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	# Prebuild DeepSpeed's CPU shared-memory op so the first training run does not
-	# compile it (~40 s of g++ inside a test otherwise).
-	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PY) -m pip install -q --no-build-isolation \
+	# compile it (~40 s of g++ inside a test otherwise). --no-cache-dir: the install
+	# above cached a wheel built without the op, which pip would otherwise reuse.
+	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PY) -m pip install -q --no-cache-dir --no-build-isolation \
 	  --no-deps --force-reinstall deepspeed==0.19.8
+	$(PY) -c "from deepspeed.git_version_info import installed_ops as o; assert o['deepspeed_shm_comm'], o"
 	$(PY) -m pip check
 	touch $(STAMP)
 
