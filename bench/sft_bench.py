@@ -10,7 +10,9 @@ metrics, Ray Train reports, MLflow logging, a final checkpoint) twice:
   before the first step, as the bare loop's batches are built before its first step.
 The bare loop gets the same collated batches from memory and runs forward, loss,
 backward and step in one process. Throughput is real (non-padding) tokens over the wall
-time of the steps after the first --warmup ones.
+time of the steps after the first --warmup ones. Each platform run is measured against
+the mean of the bare runs just before and just after it, since the machine's own speed
+drifts by more than the gap being measured.
 
     python bench/sft_bench.py [--instances 2000 --steps 80 --warmup 5 --micro-batch 4 --zero-stage 2 --repeats 3]
     python bench/sft_bench.py --deepspeed-only    # DeepSpeed's engine alone against the bare loop
@@ -139,7 +141,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     p.add_argument("--repeats", type=int, default=3,
-                   help="rounds of (streaming, materialized, bare); ratios are taken within a round")
+                   help="rounds of (streaming, materialized), each platform run between two bare runs")
     p.add_argument("--deepspeed-only", action="store_true",
                    help="rounds of (DeepSpeed engine in this process, bare) on the same batches: no Ray, "
                         "no data plane, so the gap is DeepSpeed's alone")
@@ -170,27 +172,37 @@ def main() -> None:
               f"[{min(pairs):.2f}, {max(pairs):.2f}]")
         return
 
-    # The machine's speed drifts between runs (the bare loop alone moves ~5%), so each
-    # round measures all three back to back and the ratios are taken within the round.
-    rounds = []
-    for r in range(args.repeats):
-        init_ray(RayConfig(num_cpus=4, object_store_mb=512), workdir=work)
-        streaming = platform_rate(config(f"{work}/r{r}", version, args, materialize=False), version, args.warmup)
-        materialized = platform_rate(config(f"{work}/r{r}", version, args, materialize=True), version, args.warmup)
-        ray.shutdown()  # the bare loop gets the machine to itself
+    # The machine's speed drifts between runs (the bare loop alone moves 5-15% within
+    # minutes), and a run measured first or last in a sequence is biased by it. So every
+    # platform run is sandwiched between two bare runs and measured against their mean:
+    # bare, streaming, bare, materialized, bare, streaming, ... Ray is up only for the
+    # platform runs: each bare run gets the machine to itself.
+    def bare() -> float:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in the Ray worker (1 CPU: OMP_NUM_THREADS=1)
-        bare = bare_rate(cfg, batches, args.warmup)
-        torch.set_num_threads(threads)
-        rounds.append((streaming, materialized, bare))
-        print(f"round {r + 1}: platform streaming {streaming:8.1f}, materialized {materialized:8.1f}, "
-              f"bare {bare:8.1f} tokens/s; ratios {materialized / bare:.2f} / {streaming / bare:.2f}", flush=True)
-    ratios = np.array([(m / b, s / b) for s, m, b in rounds])
-    median = np.median(ratios, axis=0)
-    print(f"ratio platform/bare over {len(rounds)} round(s), median [min, max]: "
-          f"materialized {median[0]:.2f} [{ratios[:, 0].min():.2f}, {ratios[:, 0].max():.2f}] (goal >= 0.90), "
-          f"streaming {median[1]:.2f} [{ratios[:, 1].min():.2f}, {ratios[:, 1].max():.2f}] "
-          f"(data plane on the same {os.cpu_count()} cores)")
+        try:
+            return bare_rate(cfg, batches, args.warmup)
+        finally:
+            torch.set_num_threads(threads)
+
+    ray.shutdown()
+    before = bare()
+    ratios = {"streaming": [], "materialized": []}
+    for r in range(args.repeats):
+        for mode in ratios:
+            init_ray(RayConfig(num_cpus=4, object_store_mb=512), workdir=work)
+            rate = platform_rate(config(f"{work}/r{r}", version, args, materialize=mode == "materialized"), version,
+                                 args.warmup)
+            ray.shutdown()
+            after = bare()
+            ratios[mode].append(rate / ((before + after) / 2))
+            print(f"round {r + 1}: bare {before:8.1f}, platform {mode:12s} {rate:8.1f}, bare {after:8.1f} tokens/s; "
+                  f"ratio {ratios[mode][-1]:.2f}", flush=True)
+            before = after
+    summary = {mode: (np.median(v), min(v), max(v)) for mode, v in ratios.items()}
+    print(f"ratio platform/bare (against the mean of the bare runs either side) over {args.repeats} round(s), "
+          "median [min, max]: materialized {:.2f} [{:.2f}, {:.2f}] (goal >= 0.90), ".format(*summary["materialized"]) +
+          "streaming {:.2f} [{:.2f}, {:.2f}] (data plane on the same {} cores)".format(*summary["streaming"], os.cpu_count()))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,8 @@ def test_job_runs_every_stage_and_prints_its_table(job):
         line = next(l for l in out.splitlines() if l.startswith(stage + " "))
         assert stages[stage]["data_digest"][:12] in line and re.search(r"\d\.\d{3}", line)
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    # Ray Train's per-report log (every report's whole metrics dict) is kept out of the output.
+    assert "Reporting training result" not in out + job["first"].stderr
 
 
 @pytest.mark.timeout(900)

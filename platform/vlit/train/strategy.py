@@ -163,9 +163,15 @@ class DeepSpeedStrategy:
         self.engine = None
 
     def setup_distributed(self) -> None:
-        """Join the process group Ray Train already formed (gloo on CPU, NCCL on GPU)."""
+        """Set up this worker's process (the allocator and Ray Train's logging, see
+        vlit.runtime) and join the process group Ray Train already formed (gloo on CPU,
+        NCCL on GPU)."""
         import deepspeed
 
+        from vlit.runtime import keep_freed_memory, quiet_train_reports
+
+        keep_freed_memory()
+        quiet_train_reports()
         random.seed(self.train.seed)
         np.random.seed(self.train.seed)
         torch.manual_seed(self.train.seed)
