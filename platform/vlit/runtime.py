@@ -47,17 +47,16 @@ def init_ray(cfg: RayConfig, workdir: str = ".vlit") -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def keep_freed_memory(mmap_threshold_mb: int = 32, trim_threshold_mb: int = 1024) -> bool:
+def keep_freed_memory() -> bool:
     """Let glibc keep the memory a training step frees, for the next step to reuse.
 
     Each step allocates and frees the same large tensors (activations, logits, the
     collated batch). By default glibc returns blocks over its mmap threshold to the kernel
-    and trims freed arena tops, so the next step faults the same pages in again, zeroed:
-    measured in a Ray Train worker on the tiny model, ~6,000 page faults and 5% of the
-    step in the kernel, against ~600 and 2% with these settings (the training thread is
-    not the main thread, so it allocates from a secondary arena, which glibc trims more
-    eagerly). 32 MB is glibc's largest mmap threshold; freed memory up to the trim
-    threshold stays in the process, bounded by what a step used at its peak.
+    and trims freed heap tops, so the next step faults the same pages in again, zeroed:
+    measured in a Ray Train worker on the tiny model, ~2,700-6,000 page faults and ~5% of
+    the step in the kernel, against ~600 and 2% with these settings. 32 MB is glibc's
+    largest mmap threshold; freed memory up to the 1 GB trim threshold stays in the
+    process, bounded by what a step used at its peak.
     Returns False where the C library is not glibc (nothing is changed there)."""
     import ctypes
 
@@ -65,8 +64,7 @@ def keep_freed_memory(mmap_threshold_mb: int = 32, trim_threshold_mb: int = 1024
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mb << 20)) and \
-        bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold_mb << 20))
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def quiet_train_reports() -> None:
