@@ -19,12 +19,13 @@ import sys
 import tempfile
 
 from vlit.config import Config, RayConfig
-from vlit.corpus.synth import synth_corpus
+from vlit.world import synth_corpus
 from vlit.runtime import init_ray
-from vlit.synth.feedback import PairsVersion, pairs_version
-from vlit.synth.feedback_synth import JUDGE, synth_feedback
+from vlit.loops.feedback import build_pairs
+from vlit.versions import PairsVersion
+from vlit.loops.feedback_synth import JUDGE, synth_feedback
 from vlit.train.dpo import run_dpo
-from vlit.train.tracking import tracking_uri
+from vlit.lineage import tracking_uri
 
 
 def config(work: str, pairs: PairsVersion, reference: str, args) -> Config:
@@ -65,7 +66,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="vlit-dpo-bench-", dir="/tmp")
     synth = synth_corpus(f"{work}/src", instances=4 * args.prompts, tasks=8, image_pool=32, image_size=32)
     feedback = synth_feedback(synth["annotation"], prompts=args.prompts)
-    pairs = PairsVersion.open(pairs_version([feedback["feedback"]], f"{work}/pairs", judge=JUDGE)["version"])
+    pairs = PairsVersion.open(build_pairs([feedback["feedback"]], f"{work}/pairs", judge=JUDGE)["version"])
     init_ray(RayConfig(num_cpus=4, object_store_mb=512), workdir=work)
     print(f"tiny LLaVA, {pairs.rows} pairs, {args.steps} steps of {args.micro_batch} pairs "
           f"({2 * args.micro_batch} sequences, {args.micro_batch} image encodings), first {args.warmup} untimed, "

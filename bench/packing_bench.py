@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 
 from vlit.config import LossConfig, ModelConfig, TrainConfig
-from vlit.corpus.synth import synth_corpus
+from vlit.world import synth_corpus
 from vlit.model.build import tiny_processor
 from vlit.model.labels import encode_row
 from vlit.model.packing import SFTTransform

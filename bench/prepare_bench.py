@@ -111,7 +111,7 @@ def main() -> None:
     if args.child:
         return _child(*args.child)
 
-    from vlit.corpus.synth import synth_corpus
+    from vlit.world import synth_corpus
 
     print("$ python bench/prepare_bench.py --instances " + " ".join(map(str, args.instances)))
     print(f"{'instances':>10} {'side':>8} {'seconds':>8} {'rows/s':>10} {'peak RSS GB':>12} {'s/100k':>7}")

@@ -34,15 +34,15 @@ import torch.nn.functional as F
 from vlit.config import Config, PrepareConfig, RayConfig
 from vlit.corpus.prepare import prepare_corpus
 from vlit.corpus.stream import build_stream, quarantine_uri
-from vlit.corpus.synth import synth_corpus
-from vlit.corpus.version import CorpusVersion
+from vlit.world import synth_corpus
+from vlit.versions import CorpusVersion
 from vlit.model.build import build_model_and_processor
 from vlit.model.labels import IGNORE
 from vlit.model.packing import SFTTransform
 from vlit.runtime import init_ray
 from vlit.train import sft
-from vlit.train.strategy import PARTS
-from vlit.train.tracking import tracking_uri
+from vlit.model.parts import PARTS, trainable_model
+from vlit.lineage import tracking_uri
 
 
 def config(work: str, version: CorpusVersion, args, materialize: bool) -> Config:
@@ -117,7 +117,7 @@ def deepspeed_rate(cfg: Config, batches: list[dict], warmup: int) -> float:
     strategy = DeepSpeedStrategy(cfg.train, deepspeed_config(cfg.train, cfg.model))
     strategy.setup_distributed()
     model, _ = build_model_and_processor(cfg.model)
-    engine = strategy.prepare(model, total_steps=len(batches))
+    engine = strategy.prepare(trainable_model(model, cfg.train), total_steps=len(batches))
     tokens, seconds = 0, 0.0
     for step, batch in enumerate(batches, start=1):
         start = time.perf_counter()

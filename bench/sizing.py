@@ -76,7 +76,7 @@ def measure(sample: Path, tokenizer_path: str) -> dict:
     It also counts the rows `encode_row` quarantines with this tokenizer, and why."""
     from vlit.config import LossConfig, ModelConfig, PrepareConfig
     from vlit.corpus.prepare import prepare_corpus
-    from vlit.corpus.version import CorpusVersion
+    from vlit.versions import CorpusVersion
     from vlit.model.labels import IGNORE, encode_row, num_image_tokens
     from vlit.model.templates import EncodeError, render
 

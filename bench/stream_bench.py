@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -26,8 +25,8 @@ from vlit import storage
 from vlit.config import CorpusConfig, PrepareConfig, RayConfig
 from vlit.corpus.prepare import prepare_corpus
 from vlit.corpus.stream import build_stream, load_pixels
-from vlit.corpus.synth import synth_corpus
-from vlit.corpus.version import CorpusVersion
+from vlit.world import synth_corpus
+from vlit.versions import CorpusVersion
 from vlit.model.tokenizer import build_tiny_tokenizer
 from vlit.runtime import init_ray
 

@@ -28,7 +28,7 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def s3():
     """moto's S3 server on 127.0.0.1 with a `vlit-test` bucket; AWS_* env set for the session."""
-    from vlit.storage import LocalS3
+    from support.s3 import LocalS3
 
     with LocalS3(buckets=("vlit-test",)) as server:
         yield server

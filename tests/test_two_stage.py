@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.s3 import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -45,12 +45,6 @@ def small(tmp: Path, stages: str = "[sft1,align,sft2]") -> list[str]:
         f"dpo.pairs_out={tmp}/store/pairs", f"dpo.cache={tmp}/store/reference_cache", "dpo.synth.prompts=8",
         f"serve.http.port={free_port()}",
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Stand-ins for real keys in the job's environment: no log, MLflow param, tag or artifact,

@@ -4,7 +4,7 @@
     vlit corpus synth --instances N --tasks T --out DIR
     vlit corpus tasks VERSION
     vlit corpus sample VERSION [--cap N] [--temperature T] [--seed S] [--epoch E]
-    vlit feedback pairs INPUT... --out DIR [--image-root R] [--judge ID]
+    vlit feedback pairs INPUT... --out ROOT [--image-root R] [--judge ID]
     vlit loops feedback|vigc FILE --corpus VERSION [--attach] [key=value ...]
     vlit loops self-instruct FILE (--annotations JSONL | --synth-corpus DIR) [--attach] [key=value ...]
     vlit loops alignment FILE --source VERSION... [--attach] [key=value ...]
@@ -82,7 +82,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from vlit.corpus.synth import synth_corpus
+    from vlit.world import synth_corpus
 
     try:
         summary = synth_corpus(
@@ -115,7 +115,7 @@ def _family_weights(items: list[str]) -> dict[str, float]:
 
 def _tasks(args: argparse.Namespace) -> int:
     from vlit.corpus.tasks import TaskRegistry
-    from vlit.corpus.version import CorpusVersion
+    from vlit.versions import CorpusVersion
 
     registry = TaskRegistry.from_version(CorpusVersion.open(args.version))
     _print(registry.to_dict())
@@ -124,7 +124,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from vlit.corpus.sampling import SamplingPlan
-    from vlit.corpus.version import CorpusVersion
+    from vlit.versions import CorpusVersion
 
     version = CorpusVersion.open(args.version)
     plan = SamplingPlan.build(version.task_counts, cap=args.cap, temperature=args.temperature)
@@ -148,7 +148,7 @@ def _config_serve(args: argparse.Namespace) -> int:
 
 
 def _feedback_pairs(args: argparse.Namespace) -> int:
-    from vlit.synth.feedback import FeedbackError, build_pairs
+    from vlit.loops.feedback import FeedbackError, build_pairs
 
     try:
         summary = build_pairs(args.inputs, args.out, image_root=args.image_root, judge=args.judge)
@@ -160,7 +160,7 @@ def _feedback_pairs(args: argparse.Namespace) -> int:
 
 
 def _loops(args: argparse.Namespace) -> int:
-    from vlit.synth.run import run_loop
+    from vlit.loops.run import run_loop
 
     cfg = load_config(args.file, args.overrides)
     sources = getattr(args, "source", None)
@@ -206,10 +206,24 @@ def _cluster_files(args: argparse.Namespace) -> list[str]:
     return args.files or [os.path.normpath(f) for f in sorted(glob.glob(os.path.join(args.root, "cluster", "*.yaml")))]
 
 
+def _kubecheck(root: str):
+    """The manifest checker: repository tooling beside the manifests (cluster/kubecheck),
+    not part of this package; found through --root."""
+    import importlib
+    import os
+
+    tooling = os.path.join(os.path.abspath(root), "cluster")
+    if not os.path.isdir(os.path.join(tooling, "kubecheck")):
+        raise SystemExit(f"vlit cluster: no manifest checker at {tooling}/kubecheck: run from the repository "
+                         "or pass --root")
+    if tooling not in sys.path:
+        sys.path.insert(0, tooling)
+    return importlib.import_module("kubecheck")
+
+
 def _cluster_check(args: argparse.Namespace) -> int:
     """Problems one a line (FILE: KIND NAME: field.path: message); exit 1 when there are any."""
-    from vlit.kube import check_files
-
+    check_files = _kubecheck(args.root).check_files
     files = _cluster_files(args)
     if not files:
         print(f"vlit cluster check: no manifests given and none in {args.root}/cluster", file=sys.stderr)
@@ -228,8 +242,7 @@ def _cluster_check(args: argparse.Namespace) -> int:
 
 
 def _cluster_sync(args: argparse.Namespace) -> int:
-    from vlit.kube import sync_serve_config
-
+    sync_serve_config = _kubecheck(args.root).sync_serve_config
     for file in _cluster_files(args):
         names = sync_serve_config(file, args.root)
         print(f"{file}: {'serveConfigV2 rewritten for ' + ', '.join(names) if names else 'up to date'}")
@@ -299,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_sample)
 
     feedback = top.add_parser("feedback", help="preference data").add_subparsers(dest="cmd", required=True)
-    f = feedback.add_parser("pairs", help="VLFeedback-format JSONL -> preference pairs (DIR/pairs.parquet, summary.json)")
+    f = feedback.add_parser("pairs", help="VLFeedback-format JSONL -> a pairs version OUT/<digest>/ (pairs.parquet, summary.json)")
     f.add_argument("inputs", nargs="+", help="JSONL files or folders, local or s3://")
-    f.add_argument("--out", required=True, help="the pairs version's folder")
+    f.add_argument("--out", required=True, help="where pairs versions live: OUT/<digest>/")
     f.add_argument("--image-root", default=None, help="resolve relative img_path here (default: each file's folder)")
     f.add_argument("--judge", default="vlfeedback-release", help="the judge id recorded with each pair")
     f.set_defaults(func=_feedback_pairs)

@@ -15,7 +15,26 @@ from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
-    """A config that does not validate; the message names each offending key path."""
+    """A config that does not validate, or lacks a section a job needs; the message names
+    each offending key path."""
+
+
+def require(cfg, section: str, what: str, needs: str):
+    """`cfg.<section>`, or ConfigError "<what> needs a <section> section (<needs>)": the
+    one message shape for a config without a section that a job or stage needs."""
+    value = getattr(cfg, section)
+    if value is None:
+        raise ConfigError(f"{what} needs a {section} section ({needs})")
+    return value
+
+
+# The three VLFeedback aspects a judge rates 1-5 with a rationale: their ids (the judge
+# API, the config) and their names in the released data. The rubric, the judge protocol,
+# the loops and the pair rule all read them from here.
+ASPECT_NAMES = {"helpfulness": "Helpfulness", "visual_faithfulness": "Visual Faithfulness",
+                "ethical_considerations": "Ethical Considerations"}
+ASPECTS = tuple(ASPECT_NAMES)
+Aspect = Literal[ASPECTS]
 
 
 class _Strict(BaseModel):
@@ -58,15 +77,9 @@ class SynthConfig(_Strict):
     image_size: int = Field(default=64, ge=16)
     templates_per_task: int = Field(default=3, ge=1)
     seed: int = 0
-    # Question family -> factor on its tasks' sizes (unnamed families: 1); see corpus/synth.py.
-    family_weights: dict[str, float] = Field(default_factory=dict)
-
-    @field_validator("family_weights")
-    @classmethod
-    def _known_families(cls, weights: dict[str, float]) -> dict[str, float]:
-        from vlit.corpus.synth import check_family_weights
-
-        return check_family_weights(weights)
+    # Question family -> factor on its tasks' sizes (unnamed families: 1); the names are
+    # the world's (vlit/world/families.py), checked when the corpus is made.
+    family_weights: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
 
 
 class PrepareConfig(_Strict):
@@ -176,21 +189,21 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
-# ---- DPO: preference pairs and preference optimization (vlit/synth/feedback.py, vlit/train/dpo.py)
+# ---- DPO: preference pairs and preference optimization (vlit/loops/feedback.py, vlit/train/dpo.py)
 
 class FeedbackSynthConfig(_Strict):
     """VLFeedback-format rows made from the synthetic corpus by a scripted judge
-    (`vlit/synth/feedback_synth.py`): preference data for tests and the demo."""
+    (`vlit/loops/feedback_synth.py`): preference data for tests and the demo."""
 
     prompts: int = Field(default=64, ge=1)  # the corpus's first image rows
     completions: int = Field(default=4, ge=2, le=4)  # responses per prompt
     seed: int = 0
 
 
-# ---- Synthetic data loops and their quality control (vlit/synth, vlit/quality) -------
+# ---- Synthetic data loops and their quality control (vlit/loops, vlit/quality) -------
 
 class FeedbackLoopConfig(_Strict):
-    """VLFeedback through Serve (`vlit/synth/feedback_loop.py`): k responses per prompt
+    """VLFeedback through Serve (`vlit/loops/feedback_loop.py`): k responses per prompt
     from the generator pool, rated by the judge, paired by the VLFeedback rule."""
 
     prompts: int = Field(default=64, ge=1)
@@ -203,8 +216,7 @@ class FeedbackLoopConfig(_Strict):
     # The aspects the judge rates. VLFeedback pairs need all three; a judge that cannot
     # rate one (the `reference` judge and ethics) is asked for the others only, and its
     # responses then score for selection (the alignment set) but make no pairs.
-    aspects: list[Literal["helpfulness", "visual_faithfulness", "ethical_considerations"]] = Field(
-        default_factory=lambda: ["helpfulness", "visual_faithfulness", "ethical_considerations"], min_length=1)
+    aspects: list[Aspect] = Field(default_factory=lambda: list(ASPECTS), min_length=1)
     seed: int = 0
 
 
@@ -333,7 +345,7 @@ class EvalConfig(_Strict):
 
     out: str  # where evaluation-set versions live
     # tasks: held-out instances of the synthetic corpus's own tasks (needs corpus.synth).
-    suites: list[Literal["mme", "pope", "circular", "forgetting", "tasks"]] = Field(
+    suites: list[Literal[EVAL_SUITES]] = Field(
         default_factory=lambda: list(EVAL_SUITES))
     images: int = Field(default=48, ge=1)  # held-out images per suite
     # Held-out scenes are pool indices first_image.. of the synthetic world; must lie
@@ -619,10 +631,10 @@ def stage_config(cfg: Config, stage: str, overrides: dict[str, Any] | None = Non
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"pipeline.overrides.{stage}: " + _format_errors(e)) from None
+        raise ConfigError(f"pipeline.overrides.{stage}: " + format_errors(e)) from None
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -676,7 +688,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         config = Config.model_validate(data)
     except ValidationError as e:
         where = f"{path}: " if path else ""
-        raise ConfigError(where + _format_errors(e)) from None
+        raise ConfigError(where + format_errors(e)) from None
     apply_storage(config.storage)
     return config
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-from vlit import storage
-from vlit.config import Config
+from vlit import storage, versions
+from vlit.config import Config, ConfigError, require
 from vlit.corpus.prepare import prepare_corpus
-from vlit.corpus.synth import synth_corpus
-from vlit.corpus.version import CorpusVersion
 from vlit.ledger import stage_key
+from vlit.versions import CorpusVersion, PairsVersion
+from vlit.world import synth_corpus
 
 
 def say(stage: str, message: str) -> None:
@@ -18,19 +18,27 @@ def say(stage: str, message: str) -> None:
 
 
 def synth_stage(cfg: Config) -> list[str]:
-    """A synthetic corpus in the Vision-Flan release format, made once per settings."""
+    """A synthetic corpus in the Vision-Flan release format, made once per settings: a
+    version under <corpus.out>/_sources/ whose name carries every setting (the key covers
+    those not spelled out), so a changed setting never reuses another corpus."""
     s = cfg.corpus.synth
-    # Every setting is in the folder's name (the key covers those not spelled out), so
-    # a changed setting never reuses another corpus.
-    out = storage.join(cfg.corpus.out, "_sources", f"synth-{s.instances}x{s.tasks}-pool{s.image_pool}-seed{s.seed}-"
-                                                   f"{stage_key('synth', {}, s.model_dump())[:8]}")
-    annotation = storage.join(out, "annotation.json")
-    if storage.exists(annotation):
-        say("synth", f"reusing {out}")
-    else:
-        summary = synth_corpus(out, **s.model_dump())  # the config's fields are its arguments
-        say("synth", f"{summary['instances']} instances over {summary['tasks']} tasks, {summary['images']} images -> {out}")
-    return [annotation]
+    root = storage.join(cfg.corpus.out, "_sources")
+    key = stage_key("synth", {}, s.model_dump())
+    name = f"synth-{s.instances}x{s.tasks}-pool{s.image_pool}-seed{s.seed}-{key[:8]}"
+    found = versions.Version.find(root, name)
+    if found is not None:
+        say("synth", f"reusing {found.uri}")
+        return [found.file("annotation.json")]
+    with versions.staging(root) as stage:
+        try:
+            summary = synth_corpus(stage.uri, **s.model_dump())  # the config's fields are its arguments
+        except ValueError as e:
+            raise ConfigError(f"corpus.synth: {e}") from None
+        version = stage.publish(name, "synthetic-source", {"digest": key, "rows": summary["instances"],
+                                                           "settings": s.model_dump(mode="json")})
+    say("synth", f"{summary['instances']} instances over {summary['tasks']} tasks, {summary['images']} images "
+                 f"-> {version.uri}")
+    return [version.file("annotation.json")]
 
 
 def prepare_stage(cfg: Config, sources: list[str]) -> CorpusVersion:
@@ -45,9 +53,10 @@ def prepare_stage(cfg: Config, sources: list[str]) -> CorpusVersion:
 
 def corpus_stage(cfg: Config) -> CorpusVersion:
     """The config's corpus version: synthesized (when asked) and prepared, or reused."""
-    sources = synth_stage(cfg) if cfg.corpus.synth else list(cfg.corpus.prepare.sources)
+    corpus = require(cfg, "corpus", "this job", "corpus.out and its sources or corpus.synth")
+    sources = synth_stage(cfg) if corpus.synth else list(corpus.prepare.sources)
     if not sources:
-        raise SystemExit("config error: corpus.prepare.sources is empty and corpus.synth is not set")
+        raise ConfigError("corpus.prepare.sources is empty and corpus.synth is not set: the job has no corpus")
     return prepare_stage(cfg, sources)
 
 
@@ -55,30 +64,29 @@ def sft_stage(cfg: Config) -> dict:
     """One SFT stage (`train.*`) on the config's corpus, exported to <train.output>/export."""
     from vlit.train.sft import run_sft
 
-    if cfg.train is None:
-        raise SystemExit("config error: train is not set (an SFT stage needs a train section)")
+    require(cfg, "train", "an SFT stage", "workers, ZeRO stage, lr, output")
     result = run_sft(cfg, corpus_stage(cfg))
     say("sft", f"{result['steps']} steps, final loss {result['loss']:.4f}, {result['tokens_per_s']:.0f} tokens/s "
                 f"-> {result['export']}")
     return result
 
 
-def pairs_stage(cfg: Config):
+def pairs_stage(cfg: Config) -> PairsVersion:
     """The DPO stage's pairs version: `dpo.pairs`, or built (content-addressed, reused when
     unchanged) from `dpo.feedback` or from feedback made from the synthetic corpus."""
-    from vlit.synth.feedback import PairsVersion, pairs_version
+    from vlit.loops.feedback import build_pairs
 
-    dpo = cfg.dpo
+    dpo = require(cfg, "dpo", "a DPO stage", "its pairs, loss and beta")
     if dpo.pairs:
         return PairsVersion.open(dpo.pairs)
     sources, judge = dpo.feedback, dpo.judge
     if dpo.synth:
-        from vlit.synth.feedback_synth import JUDGE, synth_feedback
+        from vlit.loops.feedback_synth import JUDGE, synth_feedback
 
         s = dpo.synth
         made = synth_feedback(synth_stage(cfg)[0], prompts=s.prompts, completions=s.completions, seed=s.seed)
         sources, judge = [made["feedback"]], JUDGE
-    summary = pairs_version(sources, dpo.pairs_out, dpo.image_root, judge)
+    summary = build_pairs(sources, dpo.pairs_out, dpo.image_root, judge)
     say("pairs", f"{'reused' if summary['reused'] else 'built'} pairs {summary['digest']}: {summary['pairs']} pairs "
                   f"of {summary['prompts']} prompts; {summary['ties']} ties, {summary['unparseable']} responses with a "
                   f"non-numeric rating, {summary['quarantined']} rows quarantined -> {summary['version']}")
@@ -89,8 +97,7 @@ def dpo_stage(cfg: Config) -> dict:
     """One DPO stage (`dpo.*`, `train.*`) on the config's pairs, exported to <train.output>/export."""
     from vlit.train.dpo import run_dpo
 
-    if cfg.dpo is None:
-        raise SystemExit("config error: dpo is not set (a DPO stage needs a dpo section)")
+    require(cfg, "dpo", "a DPO stage", "its pairs, loss and beta")
     result = run_dpo(cfg, pairs_stage(cfg))
     cache = result["reference_cache"]
     where = f", reference log-probs {'reused from' if cache['reused'] else 'cached in'} {cache['uri']}" if cache else ""

@@ -11,14 +11,12 @@ import contextlib
 import functools
 import json
 import os
-import random
-import socket
-import time
-from dataclasses import dataclass
 from typing import IO, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from vlit import retry
 
 # Retry and time-out settings for object storage live here and nowhere else. One policy,
 # the AWS SDKs' "standard" mode (exponential back-off with jitter; throttling, 5xx and
@@ -60,17 +58,16 @@ def botocore_config():
 _UNRETRIED_TRANSIENT = ("Failed to flush response stream",)
 
 
+def _transient(e: BaseException) -> bool:
+    return isinstance(e, OSError) and any(m in str(e) for m in _UNRETRIED_TRANSIENT)
+
+
 def retrying(fn, *args, **kwargs):
     """`fn(*args, **kwargs)`, retried under the policy above when it fails with an error
     in _UNRETRIED_TRANSIENT: the same attempts, and the standard mode's back-off
     (full jitter, doubling from 1 s, at most 20 s). `fn` must be safe to repeat."""
-    for attempt in range(1, S3_RETRY_ATTEMPTS + 1):
-        try:
-            return fn(*args, **kwargs)
-        except OSError as e:
-            if attempt == S3_RETRY_ATTEMPTS or not any(m in str(e) for m in _UNRETRIED_TRANSIENT):
-                raise
-        time.sleep(random.random() * min(2.0 ** (attempt - 1), 20.0))
+    return retry.call(lambda: fn(*args, **kwargs), attempts=S3_RETRY_ATTEMPTS, retryable=_transient,
+                      base_s=1.0, cap_s=20.0)
 
 
 class _RetryingReads:
@@ -251,52 +248,16 @@ def move_dir(src: str, dst: str) -> None:
     fs.delete_dir(src_path)
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for servers started by tests and the demo)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class LocalS3:
-    """A real S3 endpoint (moto's server) on 127.0.0.1, for tests and the embedded demo.
-
-    Sets the standard AWS variables for this process (and so for the Ray workers it
-    starts), creates the buckets, and restores the environment on exit.
-    """
-
-    buckets: tuple[str, ...] = ("vlit",)
-    port: int = 0
-
-    def __enter__(self) -> "LocalS3":
-        from moto.server import ThreadedMotoServer
-
-        self.port = self.port or free_port()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        env = {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "vlit-local"),
-            "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "vlit-local-secret"),
-            "AWS_REGION": "us-east-1",
-        }
-        self._saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        _s3.cache_clear()
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", config=botocore_config())
-        for bucket in self.buckets:
-            client.create_bucket(Bucket=bucket)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.stop()
-        for k, v in self._saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _s3.cache_clear()
+def common_parent(uris: list[str]) -> str | None:
+    """The deepest folder holding every URI (None for none): the image root of release-
+    format rows, whose image paths are relative to it."""
+    if not uris:
+        return None
+    parts = [parent(u).split("/") for u in uris]
+    common = parts[0]
+    for p in parts[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common)

@@ -24,10 +24,11 @@ import json
 import time
 
 from vlit import lineage, storage
-from vlit.config import Config, ConfigError, stage_config
+from vlit.config import Config, require, stage_config
 from vlit.ledger import Ledger, stage_key
+from vlit.lineage import tracking_uri
 from vlit.pipeline import corpus_stage, pairs_stage, prepare_stage, say
-from vlit.train.tracking import tracking_uri
+from vlit.versions import CorpusVersion, PairsVersion
 
 # tasks.accuracy is held-out accuracy on the corpus's own tasks, tasks.chance that of
 # guessing among each question's choices: the pair says whether stage 1 learned.
@@ -41,10 +42,8 @@ def _dump(section) -> dict | None:
 
 class TwoStageJob:
     def __init__(self, cfg: Config):
-        if cfg.pipeline is None:
-            raise ConfigError("the two-stage job needs a pipeline section (at least pipeline.out)")
-        if cfg.train is None:
-            raise ConfigError("the two-stage job needs a train section (the SFT stages' settings)")
+        require(cfg, "pipeline", "the two-stage job", "at least pipeline.out")
+        require(cfg, "train", "the two-stage job", "the SFT stages' settings")
         self.cfg = cfg
         self.ledger = Ledger(cfg.pipeline.out)
         self.model_name = cfg.pipeline.model_name or cfg.run.name
@@ -137,8 +136,6 @@ class TwoStageJob:
     def train(self, stage: str, data: dict, init: dict | None) -> dict:
         """A training stage (sft1, sft2, dpo) on `data` (a corpus or pairs version's
         outputs), starting from `init`'s export (None: the config's model)."""
-        from vlit.corpus.version import CorpusVersion
-
         base = stage_config(self.cfg, stage, {"train.init_from": init["export"]} if init else None)
         train = base.train.model_dump(mode="json", exclude={"output"})
         settings = {"model": _dump(base.model), "loss": _dump(base.loss), "train": train, "dpo": None,
@@ -157,8 +154,6 @@ class TwoStageJob:
 
             cfg = at(out)
             if stage == "dpo":
-                from vlit.synth.feedback import PairsVersion
-
                 result = run_dpo(cfg, PairsVersion.open(data["version"]), parent_run_id=self.parent["run_id"])
             else:
                 result = run_sft(cfg, CorpusVersion.open(data["version"]), parent_run_id=self.parent["run_id"])
@@ -179,10 +174,8 @@ class TwoStageJob:
 
     def align(self, corpus: dict) -> dict:
         cfg = stage_config(self.cfg, "align")
-        if cfg.loops is None or cfg.serve is None:
-            raise ConfigError("the align stage needs a loops section (loops.feedback, loops.alignment) and a serve "
-                              "section (the generator pool and judge it calls)")
-        loops = cfg.loops
+        loops = require(cfg, "loops", "the align stage", "loops.feedback, loops.alignment")
+        require(cfg, "serve", "the align stage", "the generator pool and judge it calls")
         settings = {"feedback": _dump(loops.feedback), "alignment": _dump(loops.alignment),
                     "quality": _dump(loops.quality),
                     "serve": {"generators": {k: v.backend.model_dump(mode="json") for k, v in cfg.serve.generators.items()},
@@ -212,10 +205,7 @@ class TwoStageJob:
         return self.keyed("align", {"corpus": corpus["digest"]}, settings, body)
 
     def pairs(self) -> dict:
-        cfg = stage_config(self.cfg, "dpo")
-        if cfg.dpo is None:
-            raise ConfigError("the dpo stage needs a dpo section (its pairs and loss)")
-        pairs = pairs_stage(cfg)
+        pairs = pairs_stage(stage_config(self.cfg, "dpo"))
         return {"version": pairs.uri, "digest": pairs.digest, "rows": pairs.rows}
 
     # ---- the job
@@ -288,12 +278,12 @@ def build_alignment(cfg: Config, corpus: dict, out: str) -> dict:
     report, Serve down (its replicas' CPUs go back to training)."""
     from ray import serve
 
+    from vlit.loops.alignment import alignment_from_feedback
+    from vlit.loops.dataset import corpus_prompts
+    from vlit.loops.feedback_loop import feedback_rows, write_responses
     from vlit.quality.report import quality_report
     from vlit.runtime import init_ray
     from vlit.serve.app import start
-    from vlit.synth.alignment import alignment_from_feedback
-    from vlit.synth.dataset import corpus_prompts
-    from vlit.synth.feedback_loop import feedback_rows, write_responses
 
     loops = cfg.loops
     init_ray(cfg.ray, cfg.run.workdir)
@@ -303,15 +293,15 @@ def build_alignment(cfg: Config, corpus: dict, out: str) -> dict:
         rows, counts = feedback_rows(prompts, loops.feedback, cfg.serve.app_name)
     finally:
         serve.shutdown()
-    responses, _ = write_responses(rows, storage.join(out, "feedback"))
+    responses = write_responses(rows, storage.join(out, "feedback"), loops.feedback)
     made = alignment_from_feedback(rows, loops.alignment, storage.join(out, "alignment"),
-                                   {"corpus": corpus["version"], "responses": responses})
+                                   {"corpus": corpus["version"], "responses": responses.uri})
     quality = quality_report(made["release"], storage.join(made["version"], "quality"), {"judge score": made["scores"]})
     say("align", f"{counts['responses']} responses to {len(prompts)} prompts "
                   f"({len(counts['generation_errors'])} generation errors); alignment set {made['digest']}: "
                   f"{made['rows']} rows over {made['tasks']} tasks, chosen from {made['models']}; "
                   f"{made['quarantined']} prompts quarantined {made['quarantine_reasons']}")
-    return {**made, "responses": responses, "quality": {k: quality[k] for k in ("rows", "balance_variance")}}
+    return {**made, "responses": responses.uri, "quality": {k: quality[k] for k in ("rows", "balance_variance")}}
 
 
 def mlflow_ui_command(cfg: Config) -> str:

@@ -1,13 +1,16 @@
-"""The KubeRay CRDs beside the repository (../shared/kuberay-crds), like the sample data."""
+"""The KubeRay CRDs beside the repository (../shared/kuberay-crds), like the sample data,
+and the manifest checker, which lives beside the manifests (cluster/kubecheck)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
+sys.path.insert(0, str(CLUSTER))
 
 
 @pytest.fixture(scope="session")

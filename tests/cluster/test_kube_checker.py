@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from vlit.cli import main
-from vlit.kube import check_files, sync_serve_config
-from vlit.kube.check import load_documents
+from kubecheck import check_files, sync_serve_config
+from kubecheck.check import load_documents
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"

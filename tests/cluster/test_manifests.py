@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from vlit.config import load_config
-from vlit.kube import check_files
-from vlit.kube.check import load_documents
-from vlit.kube.rules import containers, pod_specs
+from kubecheck import check_files
+from kubecheck.check import load_documents
+from kubecheck.rules import containers, pod_specs
 from vlit.serve.app import deploy_config
 
 REPO = Path(__file__).resolve().parents[2]

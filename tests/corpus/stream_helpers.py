@@ -6,8 +6,8 @@ import os
 
 from vlit.config import PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
-from vlit.corpus.synth import synth_corpus
-from vlit.corpus.version import CorpusVersion
+from vlit.world import synth_corpus
+from vlit.versions import CorpusVersion
 from vlit.model.tokenizer import build_tiny_tokenizer
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from vlit import storage
 from vlit.config import PrepareConfig
 from vlit.corpus.prepare import PrepareError, prepare_corpus
-from vlit.corpus.version import CorpusVersion
+from vlit.versions import CorpusVersion
 
 MISSING = "task_imgs/WIT+detailed_description_48_Emperor_Alexander_I.jpg"
 

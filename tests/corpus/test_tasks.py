@@ -11,7 +11,7 @@ from stream_helpers import synth_version
 from vlit.config import PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
 from vlit.corpus.tasks import TaskRegistry, TemplateError, TemplateSet, format_options, load_templates
-from vlit.corpus.version import CorpusVersion
+from vlit.versions import CorpusVersion
 
 # Real Vision-Flan raw rows (../shared): one with options, one with input text, one with both.
 RAW_TASKS = {

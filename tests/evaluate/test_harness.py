@@ -10,7 +10,7 @@ from vlit.config import ConfigError, load_config
 from vlit.evaluate.gates import GateFailed, gate_and_promote
 from vlit.evaluate.harness import build_eval_sets, run_eval
 from vlit.evaluate.report import log_comparison
-from vlit.train import tracking
+from vlit import lineage
 
 SMALL = ["eval.images=3", "eval.image_size=32", "eval.intro=false", "eval.batch_size=8"]
 
@@ -25,7 +25,7 @@ def cfg(tmp_path, monkeypatch):
 def _client(cfg):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    return MlflowClient(tracking_uri=lineage.tracking_uri(cfg))
 
 
 def _new_run(cfg):
@@ -63,7 +63,7 @@ def test_run_eval_logs_metrics_lineage_and_gates_promote(cfg, tmp_path):
     # promotes nothing; passing gates move the alias to the model version.
     client.create_registered_model("tiny")
     version = client.create_model_version("tiny", source=str(tmp_path), run_id=run_id).version
-    uri = tracking.tracking_uri(cfg)
+    uri = lineage.tracking_uri(cfg)
     with pytest.raises(GateFailed) as err:
         gate_and_promote(uri, after, {"mme.acc": 0.9, "pope.random.recall": 0.5}, stage="stage1",
                          model_name="tiny", version=version, alias="champion", run_id=run_id)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlit.config import SynthConfig
-from vlit.corpus.synth import PALETTE, SHAPES, WHERE, corpus_tasks, scene_for, task_sizes
+from vlit.world import PALETTE, SHAPES, WHERE, corpus_tasks, scene_for, task_sizes
 from vlit.evaluate.sets import SUITES, EvalSet, EvalSpec, build_eval_set, suite_rows
 
 # The corpus the tasks suite asks about: 20 tasks over the 11 question families.

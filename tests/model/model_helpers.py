@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from vlit.config import PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
-from vlit.corpus.synth import synth_corpus
-from vlit.corpus.version import CorpusVersion
+from vlit.world import synth_corpus
+from vlit.versions import CorpusVersion
 
 
 def row(*contents: str, task: str = "t", image: bool = True) -> dict:

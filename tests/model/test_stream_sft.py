@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import functools
 
-import numpy as np
 import pytest
 from ray import cloudpickle
 

@@ -85,7 +85,7 @@ def test_task_diversity_counts_communities_and_clusters():
 
 
 def test_bad_annotation_lines_are_quarantined_with_their_line(tmp_path):
-    from vlit.synth.run import read_annotations
+    from vlit.loops.run import read_annotations
 
     path = tmp_path / "annotations.jsonl"
     path.write_text('{"id": "a", "image": "x.png", "captions": ["a red circle"]}\n'

@@ -26,14 +26,14 @@ def _keys(ds) -> list[str]:
 
 def main(version_uri: str, quarantine_root: str, rate: float, seed: int, out: str) -> None:
     from vlit import storage
-    from vlit.faults import FaultProxy
+    from support.faults import FaultProxy
 
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"], rate=0.0, seed=seed) as proxy, proxy.routing():
         import ray
 
         from vlit.config import CorpusConfig, RayConfig
         from vlit.corpus.stream import build_stream, quarantine_reasons
-        from vlit.corpus.version import CorpusVersion
+        from vlit.versions import CorpusVersion
         from vlit.runtime import init_ray
 
         workdir = tempfile.mkdtemp(prefix="vlit-", dir="/tmp")  # short: Ray's socket paths

@@ -10,7 +10,7 @@ import botocore.exceptions
 import pytest
 
 from vlit import storage
-from vlit.faults import FaultProxy
+from support.faults import FaultProxy
 
 
 def _client(endpoint: str, attempts: int = 1):

@@ -22,9 +22,9 @@ from PIL import Image
 from vlit import storage
 from vlit.config import PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
-from vlit.corpus.synth import synth_corpus
-from vlit.corpus.version import CorpusVersion
-from vlit.faults import KINDS, FaultProxy
+from vlit.world import synth_corpus
+from vlit.versions import CorpusVersion
+from support.faults import KINDS, FaultProxy
 
 RATE = 0.15  # of requests: high enough that each kind shows up, SDK retries still win
 SEED = int(os.environ.get("VLIT_FAULT_SEED", "7"))  # another seed, other faults: for exploring

@@ -18,7 +18,7 @@ from vlit import storage
 from vlit.config import CorpusConfig, PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
 from vlit.corpus.stream import build_stream, quarantine_reasons, quarantine_uri
-from vlit.corpus.version import CorpusVersion
+from vlit.versions import CorpusVersion
 
 
 def _noise(fmt: str, size: int, seed: int) -> bytes:

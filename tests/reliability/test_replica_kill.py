@@ -1,5 +1,5 @@
 """A Serve model replica killed (`ray.kill`) while a generation or judging job runs
-through `vlit.serve.client.map_requests` (what `vlit.synth.dataset.serve_calls` uses): the
+through `vlit.serve.client.map_requests` (what `vlit.serve.client.serve_calls` uses): the
 rows that were in flight on it fail with a replica death, are retried on the surviving
 replica, and every prompt id comes back exactly once, answered; Serve starts a new replica
 in place of the dead one.
@@ -21,7 +21,7 @@ from collections import Counter
 
 import pytest
 
-from vlit.storage import free_port
+from support.s3 import free_port
 
 APP = "replica-kill"
 GENERATOR, JUDGE = "generator-tiny", "judge-tiny"

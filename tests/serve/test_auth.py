@@ -8,7 +8,7 @@ import os
 import pytest
 import requests
 
-from vlit.storage import free_port
+from support.s3 import free_port
 
 # Set at import (collection), before any fixture starts Ray: replicas see the environment
 # Ray started with.

@@ -12,12 +12,12 @@ import base64
 import io
 import json
 import os
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 import requests
+from support.s3 import free_port
 from PIL import Image
 
 # Set at import (collection), before any fixture starts Ray: replicas see the environment
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.timeout(420)
 
 ORACLE_REPLY = "Rating: 4\nRationale: The response names the object in the image."
 MALFORMED = "I would give this a four out of five."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(size=(24, 24), color="red") -> bytes:

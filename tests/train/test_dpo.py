@@ -16,16 +16,17 @@ from mlflow.tracking import MlflowClient
 from vlit import storage
 from vlit.config import Config, TrainConfig
 from vlit.corpus.stream import load_pixels
-from vlit.corpus.synth import synth_corpus
+from vlit.world import synth_corpus
 from vlit.model.build import build_model_and_processor, load_exported
 from vlit.model.pairs import PairTransform, collate_pairs
-from vlit.synth.feedback import PairsVersion, pairs_version
-from vlit.synth.feedback_synth import JUDGE, synth_feedback
+from vlit.loops.feedback import build_pairs
+from vlit.loops.feedback_synth import JUDGE, synth_feedback
 from vlit.train.dpo import run_dpo
 from vlit.train.preference import sequence_logps
 from vlit.train.reference import AdaptersDisabled, CachedReference, FrozenCopy
-from vlit.train.strategy import EveryRankVision, select_trainable
-from vlit.train.tracking import tracking_uri
+from vlit.model.parts import EveryRankVision, select_trainable
+from vlit.lineage import tracking_uri
+from vlit.versions import PairsVersion
 
 EPOCHS = 3  # 54 pairs, 27 per worker: 6 micro-batches of 4 pairs per epoch -> 18 steps
 IMAGE_SIZE = 32
@@ -58,7 +59,7 @@ def pairs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("dpo"))
     synth = synth_corpus(f"{tmp}/src", instances=96, tasks=4, image_pool=8, image_size=IMAGE_SIZE)
     made = synth_feedback(synth["annotation"], prompts=16)
-    version = pairs_version([made["feedback"]], f"{tmp}/pairs", judge=JUDGE)
+    version = build_pairs([made["feedback"]], f"{tmp}/pairs", judge=JUDGE)
     assert version["pairs"] == 54 and version["ties"] > 0 and version["unparseable"] > 0
     return tmp, PairsVersion.open(version["version"])
 

@@ -15,7 +15,7 @@ from vlit.model.build import build_model_and_processor
 from vlit.model.labels import IGNORE
 from vlit.model.pairs import PairTransform, collate_pairs
 from vlit.train.preference import for_loss, preference_loss, sequence_logps
-from vlit.train.strategy import EveryRankVision
+from vlit.model.parts import EveryRankVision
 
 # Fixed log-probs of 3 pairs: policy and reference, chosen and rejected.
 PC, PR = [-10.0, -12.5, -7.0], [-11.0, -11.0, -9.5]

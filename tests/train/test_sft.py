@@ -15,8 +15,8 @@ from safetensors.numpy import load_file
 
 import train_helpers
 from vlit.model.build import build_model_and_processor
-from vlit.train import sft
-from vlit.train.tracking import tracking_uri
+from vlit.train import loop, sft
+from vlit.lineage import tracking_uri
 
 # Ray workers do not share the driver's sys.path: ship the helpers by value.
 cloudpickle.register_pickle_by_value(train_helpers)
@@ -79,8 +79,8 @@ def test_resume_after_worker_failure_matches_uninterrupted_run(zero2_run, tmp_pa
     cfg, version, uninterrupted = zero2_run
     marker = tmp_path / "failed-once"
     # Rank 1 is SIGKILLed after step 3, one step past the checkpoint at step 2.
-    monkeypatch.setattr(sft, "train_loop", functools.partial(train_helpers.failing_train_loop, fail_at=3,
-                                                             marker=str(marker)))
+    monkeypatch.setattr(loop, "worker", functools.partial(train_helpers.failing_train_loop, fail_at=3,
+                                                          marker=str(marker)))
     # Materialized (stage 2's mode) while the reference run streamed: the same batches in
     # the same order either way, so the weights must match as well.
     resumed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(

@@ -1,5 +1,5 @@
-"""The strategy's pieces that need no cluster: trainable parts by stage, LoRA, the
-DeepSpeed config, and the export of a checkpoint (LoRA merged) that reloads with Auto classes."""
+"""The strategy's pieces that need no cluster: the DeepSpeed config, and a checkpoint's
+consolidated weights exported (LoRA merged) as a model that reloads with Auto classes."""
 from __future__ import annotations
 
 import os
@@ -7,38 +7,16 @@ import os
 import pytest
 import torch
 
-from vlit.config import Config, TrainConfig
+from vlit.config import Config
 from vlit.model.build import build_model_and_processor, load_exported
+from vlit.model.parts import EveryRankVision, export_trained, select_trainable
 from vlit.train import strategy
-from vlit.train.strategy import EveryRankVision, deepspeed_config, export_checkpoint, select_trainable
+from vlit.train.strategy import consolidated_state_dict, deepspeed_config
 
 
 def _cfg(tmp_path, **train) -> Config:
     return Config.model_validate({"corpus": {"out": str(tmp_path)}, "model": {"preset": "tiny", "max_len": 128},
                                   "train": {"output": str(tmp_path / "out"), **train}})
-
-
-def _trainable_parts(model) -> set[str]:
-    names = {n.removeprefix(strategy.PEFT_PREFIX) for n, p in model.named_parameters() if p.requires_grad}
-    return {part for part, prefixes in strategy.PARTS.items() if any(n.startswith(prefixes) for n in names)}
-
-
-@pytest.mark.parametrize("parts", [["projector"], ["projector", "llm"], ["vision", "projector", "llm"]])
-def test_trainable_parts_by_stage(tmp_path, parts):
-    model, _ = build_model_and_processor(_cfg(tmp_path).model)
-    assert _trainable_parts(select_trainable(model, TrainConfig(output="x", trainable=parts))) == set(parts)
-
-
-def test_lora_adapts_the_llm_and_keeps_the_projector_fully_trainable(tmp_path):
-    model, _ = build_model_and_processor(_cfg(tmp_path).model)
-    model = select_trainable(model, TrainConfig(output="x", trainable=["projector", "llm"], lora={"enabled": True}))
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all("language_model" in n for n in trainable if "lora_" in n) and any("lora_" in n for n in trainable)
-    assert any("multi_modal_projector" in n for n in trainable)
-    assert not any("lora_" not in n and "multi_modal_projector" not in n for n in trainable)
-    with pytest.raises(ValueError, match="train.lora.enabled needs 'llm' or 'vision'"):
-        select_trainable(build_model_and_processor(_cfg(tmp_path).model)[0],
-                         TrainConfig(output="x", trainable=["projector"], lora={"enabled": True}))
 
 
 def test_deepspeed_config_fills_the_run_values(tmp_path, monkeypatch):
@@ -68,7 +46,7 @@ def test_export_merges_lora_and_reloads_with_auto_classes(tmp_path):
     # A ZeRO-0 checkpoint as DeepSpeed writes it: rank 0's model states hold the module.
     os.makedirs(tmp_path / "ckpt" / strategy.CHECKPOINT_TAG)
     torch.save({"module": trained.state_dict()}, tmp_path / "ckpt" / strategy.CHECKPOINT_TAG / "mp_rank_00_model_states.pt")
-    export_checkpoint(cfg, str(tmp_path / "ckpt"), str(tmp_path / "export"))
+    export_trained(cfg, consolidated_state_dict(str(tmp_path / "ckpt"), 0), str(tmp_path / "export"))
 
     exported, _ = load_exported(str(tmp_path / "export"))
     assert not any("lora" in n for n in exported.state_dict())

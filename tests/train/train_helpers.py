@@ -7,9 +7,9 @@ import signal
 
 from vlit.config import Config, PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
-from vlit.corpus.synth import synth_corpus
-from vlit.corpus.version import CorpusVersion
-from vlit.train import sft
+from vlit.world import synth_corpus
+from vlit.versions import CorpusVersion
+from vlit.train import loop
 
 
 def corpus(out: str, instances: int = 160, tasks: int = 4, text_only_every: int = 0, too_long: int = 0) -> CorpusVersion:
@@ -45,7 +45,7 @@ def config(tmp: str, version: CorpusVersion, name: str = "sft-test", **train) ->
     })
 
 
-class _FailOnce(sft.DeepSpeedStrategy):
+class _FailOnce(loop.DeepSpeedStrategy):
     """Rank 1 dies by SIGKILL after optimizer step `fail_at`, on the run's first attempt
     only: no exception, no cleanup, as when the OOM killer or a lost node takes it."""
 
@@ -60,7 +60,7 @@ class _FailOnce(sft.DeepSpeedStrategy):
 
 
 def failing_train_loop(config: dict, fail_at: int, marker: str) -> None:
-    """`sft.train_loop` with a worker killed; bind fail_at and marker with partial. Each
+    """`loop.worker` with a worker killed; bind fail_at and marker with partial. Each
     attempt appends the checkpoint Ray Train handed it (or "none") to MARKER.starts."""
     import ray.train
 
@@ -69,5 +69,5 @@ def failing_train_loop(config: dict, fail_at: int, marker: str) -> None:
         with open(f"{marker}.starts", "a") as f:
             f.write(f"{os.path.basename(checkpoint.path) if checkpoint else 'none'}\n")
     _FailOnce.fail_at, _FailOnce.marker = fail_at, marker
-    sft.DeepSpeedStrategy = _FailOnce  # this worker process only
-    sft.train_loop(config)
+    loop.DeepSpeedStrategy = _FailOnce  # this worker process only
+    loop.worker(config)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vlit import storage
 from vlit.corpus.schema import IMAGE_TOKEN, TURN
 
 _CONVERSATION = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
@@ -218,3 +219,24 @@ def normalize(
         }
     )
     return Normalized(canonical, ref, reason, detail)
+
+
+def to_release(rows: list[dict]) -> tuple[list[dict], str | None]:
+    """Rows {id, image (a full URI or None), task_name, conversations} in the release
+    format, and their image root: the release names images relative to an image root
+    (prepare rejects absolute paths as escaping it), here the deepest folder holding them."""
+    root = storage.common_parent([r["image"] for r in rows if r["image"]])
+    return [{"id": r["id"], "image": r["image"][len(root) + 1:] if r["image"] else None,
+             "task_name": r["task_name"], "conversations": r["conversations"]} for r in rows], root
+
+
+def as_vision_flan(row: dict) -> dict:
+    """A generated row (self-instruct, VIGC) in the release shape {id, image, task_name,
+    conversations}; VIGC rows keep the corrected answer."""
+    if "conversations" in row and row.get("task_name"):
+        return {"id": row["id"], "image": row["image"], "task_name": row["task_name"],
+                "conversations": [{"from": t["from"], "value": t["value"]} for t in row["conversations"]]}
+    answer = row.get("vic_answer") or row["vig_answer"]
+    return {"id": row["id"], "image": row["image"], "task_name": f"vigc_{row['type']}",
+            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{row['question']}"},
+                              {"from": "gpt", "value": answer}]}

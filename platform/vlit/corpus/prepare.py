@@ -5,19 +5,14 @@ One streaming pass per source file, in bounded chunks:
   → normalize (formats) → image checks (once per distinct image) → row keys and
   duplicates → kept rows to Parquet shards, rejected rows to the quarantine, both into
   the digest.
-Output goes to OUT/_staging/<run>/ and moves to OUT/<digest>/ when complete;
-manifest.json is written last, so a version without it is never read as finished.
-Preparing the same input again finds the finished version and reuses it.
+The version is staged and published by `vlit.versions` (OUT/<digest>/, manifest last);
+preparing the same input again finds the finished version and reuses it.
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import io
 import json
-import os
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
@@ -27,15 +22,14 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-import vlit
-from vlit import storage
+from vlit import storage, versions
 from vlit.config import PrepareConfig
-from vlit.corpus import version as layout
 from vlit.corpus.formats import SOURCE_SCHEMAS, Normalized, coerce, normalize
 from vlit.corpus.images import ImageChecker, StoreReadError
 from vlit.corpus.jsonstream import Chunk, ChunkReader, JSONStreamError
 from vlit.corpus.schema import CORPUS_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from vlit.digest import TableDigest
+from vlit.versions import CorpusVersion
 
 SOURCE_SUFFIXES = (".json", ".jsonl")
 _READ_OPTIONS = pj.ReadOptions(block_size=8 * 1024 * 1024)
@@ -144,7 +138,7 @@ class _Run:
     def __init__(self, cfg: PrepareConfig, staging: str):
         self.cfg = cfg
         self.schema = SOURCE_SCHEMAS[cfg.format]
-        self.shards = _ShardWriter(storage.join(staging, layout.DATA_DIR), cfg.shard_rows)
+        self.shards = _ShardWriter(storage.join(staging, "data"), cfg.shard_rows)
         self.quarantine: list[pa.Table] = []
         self.images = ImageChecker(cfg.image_check, cfg.image_check_threads)
         self.seen: set[int] = set()
@@ -266,10 +260,7 @@ def expand_sources(sources: list[str]) -> list[str]:
 
 def _write_quarantine(run: _Run, uri: str) -> pa.Table:
     table = pa.concat_tables(run.quarantine) if run.quarantine else QUARANTINE_SCHEMA.empty_table()
-    fs, path = storage.filesystem(uri)
-    if not storage.is_s3(uri):  # no shard may have made the folder: every row quarantined
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs, compression="zstd")
+    versions.write_parquet(uri, table)
     return table
 
 
@@ -277,70 +268,60 @@ def prepare_corpus(cfg: PrepareConfig, out: str) -> dict:
     """Ingest `cfg.sources` into OUT/<digest>/ and return the summary."""
     start = time.perf_counter()
     sources = expand_sources(cfg.sources)
-    staging = storage.join(out, "_staging", uuid.uuid4().hex[:12])
-    run = _Run(cfg, staging)
-    try:
-        for source in sources:
-            root = storage.normalize(cfg.image_root) if cfg.image_root else storage.parent(source)
-            with storage.open_input(source) as f:
-                reader = ChunkReader(f, source)
-                for chunk in reader:
-                    table = _read_json(chunk, run.schema)
-                    if table is None and not chunk.exact:
-                        reader.reject()  # a wrong fast split: redo this chunk exactly
-                        continue
-                    run.add(chunk, table, source, root)
-    except (JSONStreamError, StoreReadError) as e:
-        run.close()
-        storage.delete_dir(staging)
-        again = " Nothing was published; run prepare again." if isinstance(e, StoreReadError) else ""
-        raise PrepareError(f"{e}{again}") from None
-    run.close()
+    with versions.staging(out) as stage:
+        run = _Run(cfg, stage.uri)
+        try:
+            for source in sources:
+                root = storage.normalize(cfg.image_root) if cfg.image_root else storage.parent(source)
+                with storage.open_input(source) as f:
+                    reader = ChunkReader(f, source)
+                    for chunk in reader:
+                        table = _read_json(chunk, run.schema)
+                        if table is None and not chunk.exact:
+                            reader.reject()  # a wrong fast split: redo this chunk exactly
+                            continue
+                        run.add(chunk, table, source, root)
+        except (JSONStreamError, StoreReadError) as e:
+            again = " Nothing was published; run prepare again." if isinstance(e, StoreReadError) else ""
+            raise PrepareError(f"{e}{again}") from None
+        finally:
+            run.close()
 
-    quarantine = _write_quarantine(run, storage.join(staging, layout.QUARANTINE))
-    run.digest.update(quarantine.rename_columns([f"quarantine.{n}" for n in quarantine.schema.names]))
-    digest = run.digest.hexdigest()
-    total = run.rows + quarantine.num_rows
-    summary = {
-        "digest": digest,
-        "rows": run.rows,
-        "quarantined": quarantine.num_rows,
-        "tasks": len(run.tasks),
-        "reasons": dict(sorted(run.reasons.items())),
-        "format": cfg.format,
-        "sources": sources,
-        "image_checks": {
-            "level": cfg.image_check,
-            "distinct": len(run.images.results),
-            "seconds": round(run.images.seconds, 3),
-            "per_second": round(len(run.images.results) / run.images.seconds, 1) if run.images.seconds else None,
-        },
-    }
-    if total == 0:
-        storage.delete_dir(staging)
-        raise PrepareError(f"no rows in {', '.join(sources)}")
-    bad_fraction = quarantine.num_rows / total
-    if bad_fraction > cfg.max_bad_fraction:
-        summary["status"] = "failed"
-        storage.write_json(storage.join(staging, layout.SUMMARY), summary)
-        top = ", ".join(f"{r}: {n}" for r, n in run.reasons.most_common(5))
-        raise PrepareError(
-            f"{quarantine.num_rows} of {total} rows ({bad_fraction:.1%}) were quarantined, above "
-            f"max_bad_fraction {cfg.max_bad_fraction:.1%} ({top}); nothing was published. "
-            f"Rejected rows with their reasons: {storage.join(staging, layout.QUARANTINE)}"
-        )
-
-    final = storage.join(out, digest)
-    summary["version"] = final
-    if storage.exists(storage.join(final, layout.MANIFEST)):
-        storage.delete_dir(staging)
-        summary["reused"] = True
-    else:
-        storage.delete_dir(final)  # an earlier move that never got its manifest
-        storage.move_dir(staging, final)
-        summary["reused"] = False
-        storage.write_json(storage.join(final, layout.SUMMARY), summary)
-        manifest = {
+        quarantine = _write_quarantine(run, stage.file(versions.QUARANTINE))
+        run.digest.update(quarantine.rename_columns([f"quarantine.{n}" for n in quarantine.schema.names]))
+        digest = run.digest.hexdigest()
+        total = run.rows + quarantine.num_rows
+        summary = {
+            "digest": digest,
+            "rows": run.rows,
+            "quarantined": quarantine.num_rows,
+            "tasks": len(run.tasks),
+            "reasons": dict(sorted(run.reasons.items())),
+            "format": cfg.format,
+            "sources": sources,
+            "image_checks": {
+                "level": cfg.image_check,
+                "distinct": len(run.images.results),
+                "seconds": round(run.images.seconds, 3),
+                "per_second": round(len(run.images.results) / run.images.seconds, 1) if run.images.seconds else None,
+            },
+        }
+        if total == 0:
+            raise PrepareError(f"no rows in {', '.join(sources)}")
+        bad_fraction = quarantine.num_rows / total
+        if bad_fraction > cfg.max_bad_fraction:
+            summary["status"] = "failed"
+            storage.write_json(stage.file(versions.SUMMARY), summary)
+            stage.keep()  # the rejected rows stay where the message says
+            top = ", ".join(f"{r}: {n}" for r, n in run.reasons.most_common(5))
+            raise PrepareError(
+                f"{quarantine.num_rows} of {total} rows ({bad_fraction:.1%}) were quarantined, above "
+                f"max_bad_fraction {cfg.max_bad_fraction:.1%} ({top}); nothing was published. "
+                f"Rejected rows with their reasons: {stage.file(versions.QUARANTINE)}"
+            )
+        summary["version"] = storage.join(out, digest)
+        storage.write_json(stage.file(versions.SUMMARY), summary)
+        version = stage.publish(digest, "corpus", {
             "digest": digest,
             "schema_version": SCHEMA_VERSION,
             "rows": run.rows,
@@ -351,13 +332,8 @@ def prepare_corpus(cfg: PrepareConfig, out: str) -> dict:
             "format": cfg.format,
             "image_check": cfg.image_check,
             "shards": run.shards.names,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "vlit_version": vlit.__version__,
-        }
-        storage.write_json(storage.join(final, layout.MANIFEST), manifest)
-    if not storage.is_s3(out):  # S3 has no empty folders to leave behind
-        with contextlib.suppress(OSError):
-            os.rmdir(storage.filesystem(storage.join(out, "_staging"))[1])
+        }, CorpusVersion)
+    summary["reused"] = version.reused
     seconds = time.perf_counter() - start
     summary["seconds"] = round(seconds, 2)
     summary["rows_per_second"] = round(total / seconds, 1)

@@ -48,6 +48,11 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
+
+def quarantine_row(reason: str, detail: str | None, source_ref: str, raw: str | None) -> dict:
+    """One row of QUARANTINE_SCHEMA."""
+    return {"reason": reason, "detail": detail, "source_ref": source_ref, "raw": raw}
+
 # Quarantine reasons. One name each, used by prepare, streaming and the summaries.
 REASONS = (
     "unparseable",          # not JSON, or a JSON value that is not an object

@@ -64,21 +64,21 @@ def gates_json(results: list[GateResult]) -> dict:
 def promote(tracking_uri: str, model_name: str, version: str | int, alias: str) -> None:
     """Point registered model `model_name`'s `alias` at `version` (the registry's
     "promoted" pointer: serving resolves models:/NAME@ALIAS)."""
-    from vlit.train import tracking
+    from vlit import lineage
 
-    tracking.set_model_alias(tracking_uri, model_name, version, alias)
+    lineage.set_model_alias(tracking_uri, model_name, version, alias)
 
 
 def gate_and_promote(tracking_uri: str, metrics: dict[str, float], gates: dict[str, float], *, stage: str,
                      model_name: str, version: str | int, alias: str, run_id: str | None = None) -> list[GateResult]:
     """Check the stage's gates, record the verdict on its run, and promote the model
     version when every gate passes; raise `GateFailed` (nothing promoted) otherwise."""
-    from vlit.train import tracking
+    from vlit import lineage
 
     results = check_gates(metrics, gates)
     if run_id:
         passed = all(r.passed for r in results)
-        tracking.log_eval({"uri": tracking_uri, "run_id": run_id}, texts={"eval/gates.json": json.dumps(gates_json(results), indent=2)},
+        lineage.log_eval({"uri": tracking_uri, "run_id": run_id}, texts={"eval/gates.json": json.dumps(gates_json(results), indent=2)},
                           tags={"vlit.gate": "passed" if passed else "failed",
                                 "vlit.gate.reasons": "; ".join(r.reason for r in results if not r.passed)[:5000]})
     enforce_gates(metrics, gates, stage)

@@ -17,7 +17,7 @@ import json
 import sys
 import time
 
-from vlit.config import Config, ConfigError, EvalConfig
+from vlit.config import Config, require
 from vlit.evaluate import scorers
 from vlit.evaluate.sets import EvalSet, EvalSpec, build_eval_set
 
@@ -30,16 +30,10 @@ SCORERS = {
 }
 
 
-def _eval_section(cfg: Config) -> EvalConfig:
-    if cfg.eval is None:
-        raise ConfigError("evaluation needs an eval section (at least eval.out)")
-    return cfg.eval
-
-
 def eval_spec(cfg: Config) -> EvalSpec:
     """The held-out sets' recipe: the corpus's synthetic world (seed, image size) unless
     the eval section sets its own."""
-    ev, synth = _eval_section(cfg), cfg.corpus.synth if cfg.corpus else None
+    ev, synth = require(cfg, "eval", "evaluation", "at least eval.out"), cfg.corpus.synth if cfg.corpus else None
     seed = ev.seed if ev.seed is not None else (synth.seed if synth else 0)
     size = ev.image_size or (synth.image_size if synth else 64)
     return EvalSpec(seed=seed, first_image=ev.first_image, images=ev.images, image_size=size,
@@ -101,7 +95,7 @@ def run_eval(cfg: Config, model_uri: str | None, eval_sets: dict[str, EvalSet] |
           f"in {seconds:.1f} s: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if k.count(".") == 1),
           file=sys.stderr, flush=True)  # stdout stays for results (`vlit eval run` prints JSON)
     if run_id:
-        from vlit.train import tracking
+        from vlit import lineage
 
         texts = {f"eval/{stage}/metrics.json": json.dumps(metrics, indent=2, sort_keys=True)}
         for suite, rows in predictions.items():
@@ -109,7 +103,7 @@ def run_eval(cfg: Config, model_uri: str | None, eval_sets: dict[str, EvalSet] |
                 json.dumps({k: r[k] for k in ("key", "task", "answer", "prediction")}) + "\n" for r in rows)
         tags = {f"vlit.eval.{suite}.digest": es.digest for suite, es in sets.items()}
         tags[f"vlit.eval.{stage}.model"] = model_uri or "config:model"
-        tracking.log_eval({"uri": tracking.tracking_uri(cfg), "run_id": run_id},
+        lineage.log_eval({"uri": lineage.tracking_uri(cfg), "run_id": run_id},
                           {f"{prefix}{k}": v for k, v in metrics.items()}, texts=texts, tags=tags,
                           datasets=[{"name": f"vlit-eval-{suite}", "digest": es.digest, "source": es.uri}
                                     for suite, es in sets.items()])

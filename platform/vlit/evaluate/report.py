@@ -36,9 +36,9 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 def log_comparison(tracking_uri: str, run_id: str, stages: dict[str, dict[str, float]]) -> str:
     """Log the table (eval/comparison.txt) and its numbers (eval/comparison.json) to a
     run, typically the job's last stage; returns the table."""
-    from vlit.train import tracking
+    from vlit import lineage
 
     table = comparison_table(stages)
-    tracking.log_eval({"uri": tracking_uri, "run_id": run_id},
+    lineage.log_eval({"uri": tracking_uri, "run_id": run_id},
                       texts={"eval/comparison.txt": table, "eval/comparison.json": json.dumps(stages, indent=2)})
     return table

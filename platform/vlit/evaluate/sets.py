@@ -24,9 +24,9 @@ Suites (a row's `task` in parentheses):
   family. This is the suite that says whether a model learned what it was trained on;
   the others fix one wording per question type, as the public benchmarks do.
 
-Layout of one version (OUT is a folder or s3:// prefix):
+Layout of one version (`vlit.versions.EvalSet`; OUT is a folder or s3:// prefix):
 
-    OUT/<suite>-<digest>/manifest.json   written last: without it, the version is incomplete
+    OUT/<suite>-<digest>/manifest.json   written last (`vlit.versions`)
     OUT/<suite>-<digest>/data.parquet    rows (EVAL_SCHEMA)
     OUT/<suite>-<digest>/images/img_NNNNNNN.png
 
@@ -36,24 +36,21 @@ that names the digest names the exact questions and pixels it was scored on.
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from vlit import storage
+from vlit import storage, versions
+from vlit.config import EVAL_SUITES as SUITES
 from vlit.corpus.schema import IMAGE_TOKEN
-from vlit.corpus.synth import (CHOICE_LAYOUTS, HINTS, INTROS, LAYOUTS, NUMBER_WORDS, PALETTE, POSITIONS,
-                               SHAPES, WHERE, Scene, corpus_tasks, family_scale, render_scene, scene_for,
-                               task_sizes)
 from vlit.digest import TableDigest
+from vlit.versions import EvalSet
+from vlit.world import (CHOICE_LAYOUTS, HINTS, INTROS, LAYOUTS, NUMBER_WORDS, PALETTE, POSITIONS, SHAPES, WHERE,
+                        Scene, corpus_tasks, family_scale, png, render_scene, scene_for, task_sizes)
 
 SCHEMA_VERSION = 1
-SUITES = ("mme", "pope", "circular", "forgetting", "tasks")
-MANIFEST, DATA = "manifest.json", "data.parquet"
 
 EVAL_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
@@ -245,12 +242,6 @@ def _tasks(scene: Scene, draw: _Draw) -> list[dict]:
 BUILDERS = {"mme": _mme, "pope": _pope, "circular": _circular, "forgetting": _forgetting, "tasks": _tasks}
 
 
-def _png(scene: Scene, size: int) -> bytes:
-    buf = io.BytesIO()
-    render_scene(scene, size).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def suite_rows(suite: str, spec: EvalSpec) -> tuple[pa.Table, dict[str, bytes]]:
     """The suite's rows and its images (relative path -> PNG bytes), built in memory."""
     if suite not in BUILDERS:
@@ -261,7 +252,7 @@ def suite_rows(suite: str, spec: EvalSpec) -> tuple[pa.Table, dict[str, bytes]]:
     rows, images = [], {}
     for index, scene in zip(indices, scenes):
         image = f"images/img_{index:07d}.png"
-        images[image] = _png(scene, spec.image_size)
+        images[image] = png(render_scene(scene, spec.image_size))
         sha = hashlib.sha256(images[image]).hexdigest()
         for n, row in enumerate(BUILDERS[suite](scene, _Draw(spec, suite, index, stats))):
             group = f"{index}/{row.pop('question')}" if suite == "circular" else str(index)
@@ -270,50 +261,21 @@ def suite_rows(suite: str, spec: EvalSpec) -> tuple[pa.Table, dict[str, bytes]]:
     return pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), images
 
 
-@dataclass(frozen=True)
-class EvalSet:
-    uri: str
-    manifest: dict
-
-    @classmethod
-    def open(cls, uri: str) -> "EvalSet":
-        uri = storage.normalize(uri)
-        if not storage.exists(storage.join(uri, MANIFEST)):
-            raise FileNotFoundError(f"{uri} is not a complete evaluation set: {MANIFEST} is missing")
-        return cls(uri, storage.read_json(storage.join(uri, MANIFEST)))
-
-    @property
-    def suite(self) -> str:
-        return self.manifest["suite"]
-
-    @property
-    def digest(self) -> str:
-        return self.manifest["digest"]
-
-    def read_table(self) -> pa.Table:
-        fs, path = storage.filesystem(storage.join(self.uri, DATA))
-        return pq.read_table(path, filesystem=fs)
-
-    def image_uri(self, relative: str) -> str:
-        return storage.join(self.uri, relative)
-
-
 def build_eval_set(suite: str, spec: EvalSpec, out: str) -> EvalSet:
-    """The suite's version under `out`, written once: an existing complete version with
-    the same digest is reused."""
+    """The suite's version OUT/<suite>-<digest>/, written once: an existing finished
+    version with the same digest is reused."""
     table, images = suite_rows(suite, spec)
     digest = TableDigest({"kind": "vlit-eval", "schema_version": SCHEMA_VERSION, "suite": suite})
     digest.update(table)
-    uri = storage.join(out, f"{suite}-{digest.hexdigest()}")
-    if storage.exists(storage.join(uri, MANIFEST)):
-        return EvalSet.open(uri)
-    storage.makedirs(storage.join(uri, "images"))
-    for relative, data in images.items():
-        storage.write_bytes(storage.join(uri, relative), data)
-    fs, path = storage.filesystem(storage.join(uri, DATA))
-    pq.write_table(table, path, filesystem=fs)
-    tasks = Counter(table.column("task").to_pylist())
-    storage.write_json(storage.join(uri, MANIFEST), {
-        "suite": suite, "digest": digest.hexdigest(), "schema_version": SCHEMA_VERSION, "rows": table.num_rows,
-        "images": len(images), "tasks": dict(sorted(tasks.items())), "spec": asdict(spec)})
-    return EvalSet.open(uri)
+    name = f"{suite}-{digest.hexdigest()}"
+    found = EvalSet.find(out, name)
+    if found is not None:
+        return found
+    with versions.staging(out) as stage:
+        for relative, data in images.items():
+            storage.write_bytes(stage.file(relative), data)
+        versions.write_parquet(stage.file(EvalSet.TABLE), table)
+        tasks = Counter(table.column("task").to_pylist())
+        return stage.publish(name, "eval-set", {
+            "suite": suite, "digest": digest.hexdigest(), "schema_version": SCHEMA_VERSION, "rows": table.num_rows,
+            "images": len(images), "tasks": dict(sorted(tasks.items())), "spec": asdict(spec)}, EvalSet)

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from vlit import storage
-from vlit.config import ModelConfig
+from vlit.config import Config, ModelConfig
 from vlit.model.tokenizer import build_tiny_tokenizer
 
 TINY_IMAGE_SIZE = 32
@@ -118,6 +118,15 @@ def build_model_and_processor(cfg: ModelConfig):
     if AutoConfig.from_pretrained(path).model_type == "llava":
         return LlavaForConditionalGeneration.from_pretrained(path, **kwargs), processor
     return AutoModelForImageTextToText.from_pretrained(path, **kwargs), processor
+
+
+def initial_model(cfg: Config):
+    """(model, processor) a training stage starts from: `train.init_from` (an earlier
+    stage's export) when set, else `model.*`."""
+    model_cfg = cfg.model
+    if cfg.train is not None and cfg.train.init_from:
+        model_cfg = model_cfg.model_copy(update={"preset": None, "path": cfg.train.init_from})
+    return build_model_and_processor(model_cfg)
 
 
 def export_model(model, processor, uri: str) -> None:

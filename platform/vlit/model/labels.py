@@ -38,7 +38,7 @@ import torch
 from vlit.config import LossConfig, ModelConfig
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.corpus.template_text import sentence_spans
-from vlit.model.templates import IMAGE, INSTRUCTION, RESPONSE, EncodeError, render
+from vlit.model.templates import INSTRUCTION, RESPONSE, EncodeError, render
 
 IGNORE = -100  # the label transformers' losses skip
 TEMPLATE = "template"  # instruction sentences that are task-template text

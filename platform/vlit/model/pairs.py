@@ -137,7 +137,7 @@ def pairs_quarantine(pairs) -> str:
 
 
 def pairs_stream(pairs, stream: StreamConfig, transform, **resources) -> ray.data.Dataset:
-    """The lazily executed stream of a pairs version (`vlit.synth.feedback.PairsVersion`):
+    """The lazily executed stream of a pairs version (`vlit.versions.PairsVersion`):
     pairs in file order, images decoded and `transform` applied by `stream.decode_concurrency`
     workers: tasks for a plain callable (`PairEncoder`), actors that build it once for a
     class or a `functools.partial` of one (a reference model). `resources` (num_gpus=...)

@@ -17,7 +17,7 @@ import functools
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from vlit.corpus import synth
+from vlit import world
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.model.templates import VICUNA_SYSTEM
 
@@ -43,11 +43,11 @@ _DEFAULT_TEXTS = (
 
 
 def _synthetic_world_texts() -> tuple[str, ...]:
-    answers = [a for f in synth.FAMILIES for a, _ in f.answers]
-    words = [" ".join(synth.PALETTE), " ".join(synth.SHAPES), " ".join(synth.WHERE.values()),
-             " ".join(synth.NUMBER_WORDS), " ".join(synth.WORDS)]
-    hints = [h for pair in synth.HINTS.values() for h in pair]
-    return (VICUNA_SYSTEM, *synth.INTROS, *hints, *(q for f in synth.FAMILIES for q in f.questions), *answers, *words)
+    answers = [a for f in world.FAMILIES for a, _ in f.answers]
+    words = [" ".join(world.PALETTE), " ".join(world.SHAPES), " ".join(world.WHERE.values()),
+             " ".join(world.NUMBER_WORDS), " ".join(world.WORDS)]
+    hints = [h for pair in world.HINTS.values() for h in pair]
+    return (VICUNA_SYSTEM, *world.INTROS, *hints, *(q for f in world.FAMILIES for q in f.questions), *answers, *words)
 
 
 @functools.lru_cache(maxsize=8)

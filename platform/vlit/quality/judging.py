@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from vlit.serve.rubric import neutralize
-from vlit.synth.dataset import user_message
+from vlit.serve.client import user_message
 
 VERDICT_PROMPT = (
     "You check an AI assistant's answer to an instruction about an image. Look at the image, "

@@ -11,7 +11,7 @@ resampling, and a new versioned dataset with its report.
     per task: instruction diversity (communities), response diversity (log DBSCAN clusters)
     thresholds (quality/filters.py) ─► balanced resampling (`per_task`) ─► the version
 
-The version (`synth.dataset.write_version`, kind "qc"): rows.parquet (the kept rows
+The version (`versions.publish_rows`, kind "qc"): rows.parquet (the kept rows
 with their metrics), annotation.json (the release format, images relative to the
 recorded image root), quarantine.parquet (every row not kept, with the reason: an
 unreadable image, a failed threshold, an unscored metric, resampled away for balance)
@@ -25,14 +25,18 @@ import zlib
 
 import pyarrow as pa
 
+from collections import Counter
+
 from vlit import storage
 from vlit.config import QC_METRICS, QualityConfig
-from vlit.corpus.schema import IMAGE_TOKEN
+from vlit.corpus.formats import as_vision_flan, to_release
+from vlit.corpus.schema import IMAGE_TOKEN, quarantine_row
 from vlit.quality import judging
 from vlit.quality.filters import apply_thresholds
 from vlit.quality.metrics import (balance_variance, balanced_resample, element_counts, embedder,
                                   instruction_diversity, response_clusters)
-from vlit.synth.dataset import SynthVersion, chat_texts, count, quarantine_row, write_version
+from vlit.serve.client import chat_texts
+from vlit.versions import DatasetVersion, publish_rows
 
 # The row operators are light (the model work runs in Serve replicas or the CLIP actor):
 # fractions of a CPU leave room for both on a small cluster.
@@ -173,12 +177,11 @@ def task_diversity(rows: list[dict], cfg: QualityConfig) -> dict[str, dict]:
 
 
 def run_qc(cfg: QualityConfig, source: str, out_root: str, app_name: str = "vlit") -> dict:
-    """Quality control of the synthetic dataset version `source` into OUT_ROOT/<digest>/."""
+    """Quality control of the generated dataset version `source` into OUT_ROOT/<digest>/."""
     from vlit.quality.report import render_report
-    from vlit.synth.alignment import as_vision_flan, release_format
 
-    version = SynthVersion.open(source)
-    scored = score_rows(qc_rows([as_vision_flan(r) for r in version.rows()]), cfg, app_name)
+    version = DatasetVersion.open(source)
+    scored = score_rows(qc_rows([as_vision_flan(r) for r in version.read_rows()]), cfg, app_name)
     quarantine, readable = [], []
     for r in scored:
         error = r["clip_error"] or ""
@@ -194,18 +197,18 @@ def run_qc(cfg: QualityConfig, source: str, out_root: str, app_name: str = "vlit
         quarantine += [quarantine_row("balance_resampled", f"task {r['task_name']} over per_task {cfg.per_task}",
                                       r["id"], json.dumps(r)) for r in kept if r["id"] not in ids]
         kept = sorted(chosen, key=lambda r: r["id"])
-    release, root = release_format([{**r, "conversations": json.loads(r["conversations"])} for r in kept])
+    release, root = to_release([{**r, "conversations": json.loads(r["conversations"])} for r in kept])
     metrics = {m: [r[m] for r in kept if r.get(m) is not None] for m in QC_METRICS}
     extra = {"source": version.uri, "source_rows": len(scored),
-             "balance_variance_before": balance_variance(count(r["task_name"] for r in readable)),
+             "balance_variance_before": balance_variance(dict(Counter(r["task_name"] for r in readable))),
              "diversity": task_diversity(kept, cfg),
              "judge_votes_valid": sum(r.get("judge_votes_valid") or 0 for r in scored),
              "judge_votes": sum(r.get("judge_votes") or 0 for r in scored),
-             "rejected": count(q["reason"] for q in quarantine)}
+             "rejected": dict(sorted(Counter(q["reason"] for q in quarantine).items()))}
     report, files = render_report(release, {m: v for m, v in metrics.items() if v}, extra)
-    summary = write_version(out_root, "qc", kept, quarantine,
-                            {**cfg.model_dump(mode="json"), "source": version.uri, "image_root": root},
-                            extra_files={"annotation.json": json.dumps(release, indent=1).encode(),
+    summary = publish_rows(out_root, "qc", kept, quarantine,
+                           {**cfg.model_dump(mode="json"), "source": version.uri, "image_root": root},
+                           extra_files={"annotation.json": json.dumps(release, indent=1).encode(),
                                          **{f"quality/{name}": data for name, data in files.items()}})
     return {**summary, "source_rows": len(scored), "tasks": report["tasks"], "rejected": extra["rejected"],
             "report": storage.join(summary["version"], "quality", "report.json")}

@@ -30,7 +30,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from vlit.config import Config, ConfigError, DeploymentConfig, ServeConfig, _format_errors
+from vlit.config import Config, ConfigError, DeploymentConfig, ServeConfig, format_errors, require
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.serve.backends import GenerationRequest, JudgeItem, Message
 from vlit.serve.generator import Generator
@@ -232,7 +232,7 @@ def app_builder(args: dict):
     try:
         cfg = ServeConfig.model_validate(args)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e).replace("\n  ", "\n  serve.")) from None
+        raise ConfigError(format_errors(e).replace("\n  ", "\n  serve.")) from None
     return build_app(cfg)
 
 
@@ -256,9 +256,7 @@ def start(cfg: ServeConfig) -> DeploymentHandle:
 def deploy_config(cfg: Config) -> dict:
     """Ray Serve's config file (ServeDeploySchema) for a vlit config's serve section: what a
     RayService carries as serveConfigV2, or `serve deploy` takes."""
-    if cfg.serve is None:
-        raise ConfigError("this config has no serve section")
-    s = cfg.serve
+    s = require(cfg, "serve", "Ray Serve's config file", "generators and judges")
     return {
         "http_options": http_options(s),
         "applications": [{
@@ -280,9 +278,7 @@ def run_serve(cfg: Config) -> dict:
 
     from vlit.runtime import init_ray
 
-    if cfg.serve is None:
-        raise ConfigError("the serve job needs a serve section (see configs/serve/)")
-    s = cfg.serve
+    s = require(cfg, "serve", "the serve job", "see configs/serve/")
     # Handlers first: a signal while the deployments start stops the job once they have.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -21,14 +21,13 @@ server rejected (4xx) is not, and neither its error nor any other stops the data
 from __future__ import annotations
 
 import json
-import random
-import time
 
 import pyarrow as pa
 import ray
 import ray.data
 from ray import serve
 
+from vlit import retry
 from vlit.serve.protocol import RequestError
 
 RETRYABLE_STATUS = {500, 502, 503, 504}
@@ -74,28 +73,31 @@ class _Caller:
         clash = set(OUTPUT_COLUMNS) & set(batch.column_names)
         if clash:
             raise ValueError(f"input columns {sorted(clash)} would be overwritten by the output columns {OUTPUT_COLUMNS}")
-        out: list[dict] = [{"result": None, "error": None, "status": None, "attempts": 0} for _ in rows]
-        pending = list(range(len(rows)))
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1) * (1 + random.random() / 2))
-            calls = {i: (requests[i] if isinstance(requests[i], RequestError) else self.handle.remote(requests[i]))
-                     for i in pending}
-            pending = []
-            for i, call in calls.items():
-                out[i]["attempts"] += 1
-                try:
-                    if isinstance(call, RequestError):
-                        raise call
-                    out[i].update(result=json.dumps(call.result(timeout_s=self.timeout_s)), error=None, status=200)
-                except Exception as e:
-                    status, message = _classify(e)
-                    out[i].update(error=message, status=status)
-                    if status in RETRYABLE_STATUS:
-                        pending.append(i)
-            if not pending:
-                break
-        return pa.Table.from_pylist([{**row, **res} for row, res in zip(rows, out)])
+        results, tries = retry.in_rounds(requests, self._send, attempts=self.retries + 1,
+                                         retryable=lambda e: _classify(e)[0] in RETRYABLE_STATUS,
+                                         base_s=self.backoff_s, cap_s=30.0)
+        out = []
+        for row, result, n in zip(rows, results, tries):
+            if isinstance(result, BaseException):
+                status, message = _classify(result)
+                out.append({**row, "result": None, "error": message, "status": status, "attempts": n})
+            else:
+                out.append({**row, "result": json.dumps(result), "error": None, "status": 200, "attempts": n})
+        return pa.Table.from_pylist(out)
+
+    def _send(self, requests: list) -> list:
+        """One round: every request in flight at once (so the deployments' batches fill),
+        then each answer or its exception."""
+        calls = [r if isinstance(r, RequestError) else self.handle.remote(r) for r in requests]
+        outs = []
+        for call in calls:
+            try:
+                if isinstance(call, RequestError):
+                    raise call
+                outs.append(call.result(timeout_s=self.timeout_s))
+            except Exception as e:  # noqa: BLE001 - classified by the caller
+                outs.append(e)
+        return outs
 
 
 def map_requests(ds: "ray.data.Dataset", *, method: str = "judge", app_name: str = "vlit", retries: int = 3,
@@ -113,3 +115,32 @@ def map_requests(ds: "ray.data.Dataset", *, method: str = "judge", app_name: str
         # The work happens in Serve replicas; these actors only wait on handles.
         num_cpus=0.1,
     )
+
+
+def serve_calls(requests: list[dict], *, method: str, app_name: str = "vlit", batch_size: int = 64,
+                timeout_s: float = 120.0) -> list[tuple[dict | None, str | None]]:
+    """Each request through the app's ingress with `map_requests` (Ray Data, retries,
+    per-row errors): (result, error) per request, in order. For the loops' small batches."""
+    if not requests:
+        return []
+    items = [{"idx": i, "request": json.dumps(r)} for i, r in enumerate(requests)]
+    ds = map_requests(ray.data.from_items(items), method=method, app_name=app_name, request_column="request",
+                      batch_size=batch_size, timeout_s=timeout_s)
+    out: list[tuple[dict | None, str | None]] = [(None, "no answer")] * len(requests)
+    for row in ds.take_all():
+        result = json.loads(row["result"]) if row["result"] else None
+        out[row["idx"]] = (result, None if result is not None else f"{row['status']}: {row['error']}")
+    return out
+
+
+def chat_texts(result: dict | None) -> list[str]:
+    """The completions' texts of a chat.completion result (none for a failed call)."""
+    return [c["message"]["content"] for c in result["choices"]] if result else []
+
+
+def user_message(text: str, image: str | None) -> dict:
+    """An OpenAI chat user message, with the image as an image_url part when there is one."""
+    if image is None:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                        {"type": "text", "text": text}]}

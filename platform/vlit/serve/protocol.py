@@ -20,10 +20,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlit import storage
-from vlit.config import ImageLimitsConfig
+from vlit.config import ASPECTS, Aspect, ImageLimitsConfig
 
-ASPECTS = ("helpfulness", "visual_faithfulness", "ethical_considerations")
-Aspect = Literal["helpfulness", "visual_faithfulness", "ethical_considerations"]
 
 
 class RequestError(Exception):

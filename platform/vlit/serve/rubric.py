@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from vlit.corpus.schema import IMAGE_TOKEN
-from vlit.serve.protocol import ASPECTS
+from vlit.config import ASPECTS
 
 RUBRICS = {
     "helpfulness": (

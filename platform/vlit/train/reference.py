@@ -2,9 +2,9 @@
 
 - `cached`: the reference scores every pair once, in a Ray Data pass before training
   (`cache_reference_logps`), and the workers look the log-probs up by pair id. The cache
-  is Parquet under CACHE/<pairs digest>-<reference digest>/, with manifest.json written
-  last: a pass that died half way leaves no manifest, and the next run computes it again;
-  a finished one is reused by every later run with the same pairs and reference. Training
+  is a version (`vlit.versions.ReferenceCache`) CACHE/<pairs digest>-<reference digest>/:
+  a pass that died half way published nothing, and the next run computes it again; a
+  finished one is reused by every later run with the same pairs and reference. Training
   then runs no reference forward at all, and holds no second model.
 - `copy`: a frozen copy of the initial model in each worker, run before the policy's
   forward. It is not sharded: fine on CPU and for models that fit one device twice; a
@@ -21,25 +21,23 @@ reference to the same first-step loss.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import functools
 import hashlib
 import json
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from vlit import storage
+from vlit import storage, versions
 from vlit.config import Config
 from vlit.digest import DIGEST_CHARS
+from vlit.versions import ReferenceCache
 from vlit.model.pairs import PairTransform, collate_pairs, pairs_quarantine, pairs_stream
 from vlit.train.preference import sequence_logps
-from vlit.train.strategy import EveryRankVision, load_initial_model
+from vlit.model.build import initial_model
+from vlit.model.parts import EveryRankVision
 
-MANIFEST = "manifest.json"
-DATA = "data"
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
 
 
@@ -85,8 +83,7 @@ class CachedReference:
 
     def __init__(self, uri: str):
         self.uri = uri
-        fs, path = storage.filesystem(storage.join(uri, DATA))
-        table = pq.read_table(path, filesystem=fs)
+        table = ReferenceCache.open(uri).read_table()
         self.index = {p: i for i, p in enumerate(table["pair_id"].to_pylist())}
         self.values = torch.tensor(np.stack([table[c].to_numpy() for c in (
             "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")], axis=1), dtype=torch.float32)
@@ -132,7 +129,7 @@ def reference_digest(cfg: Config) -> str:
             h.update(uri[len(root):].encode())
             _hash_file(h, uri)
     else:
-        model, processor = load_initial_model(cfg)
+        model, processor = initial_model(cfg)
         h.update(processor.tokenizer.backend_tokenizer.to_str().encode())
         for name, tensor in model.state_dict().items():
             h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -149,7 +146,7 @@ class _Scorer:
         cfg = Config.model_validate(config)
         self.encode = PairTransform(cfg.model, quarantine=quarantine)
         self.batch_size = cfg.dpo.reference_batch_size
-        model, _ = load_initial_model(cfg)
+        model, _ = initial_model(cfg)
         self.device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
         self.model = EveryRankVision(model.to(torch.bfloat16 if _bf16(cfg) else torch.float32)).to(self.device).eval()
 
@@ -168,33 +165,30 @@ class _Scorer:
                 "chosen_tokens": counts[:, 0], "rejected_tokens": counts[:, 1]}
 
 
-def cache_uri(cfg: Config, pairs, digest: str) -> str:
-    root = cfg.dpo.cache or storage.join(storage.parent(pairs.uri), "_reference_cache")
-    return storage.join(root, f"{pairs.digest}-{digest}")
+def cache_root(cfg: Config, pairs) -> str:
+    return cfg.dpo.cache or storage.join(storage.parent(pairs.uri), "_reference_cache")
 
 
 def cache_reference_logps(cfg: Config, pairs) -> dict:
     """The reference log-probs of every pair of `pairs`, computed once (Ray must be up):
     the cache's manifest, with `uri` and `reused`."""
     digest = reference_digest(cfg)
-    uri = cache_uri(cfg, pairs, digest)
-    manifest_uri = storage.join(uri, MANIFEST)
-    if storage.exists(manifest_uri):
-        return {**storage.read_json(manifest_uri), "uri": uri, "reused": True}
-    storage.delete_dir(uri)  # a pass that never wrote its manifest
+    root, name = cache_root(cfg, pairs), f"{pairs.digest}-{digest}"
+    found = ReferenceCache.find(root, name)
+    if found is not None:
+        return {**found.manifest, "uri": found.uri, "reused": True}
     start = time.perf_counter()
     # One scoring actor (the reference model is loaded once); on GPU it takes one GPU.
     stream = cfg.dpo.stream.model_copy(update={"decode_concurrency": 1})
     scorer = functools.partial(_Scorer, cfg.model_dump(mode="json"), pairs_quarantine(pairs))
     gpu = {"num_gpus": 1} if cfg.train.use_gpu else {}
-    scored = pairs_stream(pairs, stream, scorer, **gpu)
-    fs, path = storage.filesystem(storage.join(uri, DATA))
-    scored.write_parquet(path, filesystem=fs)
-    rows = pq.read_table(path, filesystem=fs, columns=["pair_id"]).num_rows
-    manifest = {"pairs_digest": pairs.digest, "reference_digest": digest, "pairs": pairs.uri, "rows": rows,
-                "pairs_not_scored": pairs.rows - rows,  # quarantined by the stream (see its quarantine)
-                "reference": cfg.train.init_from or cfg.model.path or f"preset:{cfg.model.preset}",
-                "seconds": round(time.perf_counter() - start, 2),
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    storage.write_json(manifest_uri, manifest)
-    return {**manifest, "uri": uri, "reused": False}
+    with versions.staging(root) as stage:
+        fs, path = storage.filesystem(stage.file(ReferenceCache.TABLE))
+        pairs_stream(pairs, stream, scorer, **gpu).write_parquet(path, filesystem=fs)
+        rows = versions.read_parquet(stage.file(ReferenceCache.TABLE), columns=["pair_id"]).num_rows
+        cache = stage.publish(name, "reference-logps", {
+            "digest": name, "pairs_digest": pairs.digest, "reference_digest": digest, "pairs": pairs.uri,
+            "rows": rows, "pairs_not_scored": pairs.rows - rows,  # quarantined by the stream (see its quarantine)
+            "reference": cfg.train.init_from or cfg.model.path or f"preset:{cfg.model.preset}",
+            "seconds": round(time.perf_counter() - start, 2)}, ReferenceCache)
+    return {**cache.manifest, "uri": cache.uri, "reused": cache.reused}

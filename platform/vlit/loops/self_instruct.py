@@ -8,7 +8,7 @@ a pool of ten, and the description; it writes a multi-round dialogue as JSON obj
 talk about the description instead of the image, are quarantined with their reason.
 
 The annotation source here is the synthetic corpus, whose scenes are ground truth
-(`vlit.corpus.synth.scene_for`).
+(`vlit.world.scene_for`).
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ import re
 
 from vlit import storage
 from vlit.config import SelfInstructConfig
-from vlit.corpus.synth import WHERE, scene_for
-from vlit.synth.dataset import chat_texts, quarantine_row, serve_calls, write_version
+from vlit.corpus.schema import quarantine_row
+from vlit.serve.client import chat_texts, serve_calls
+from vlit.versions import publish_rows
+from vlit.world import WHERE, scene_for
 
 SYSTEM_PROMPT = (
     "You are an AI visual assistant looking at a single image. You are given what is in the image. "
@@ -164,4 +166,4 @@ def self_instruct(annotations: list[dict], cfg: SelfInstructConfig, out_root: st
             rows.append({"id": f"{ann['id']}-si-{k}", "image": ann["image"], "task_name": "self_instruct",
                          "conversations": conv, "source_id": ann["id"], "generator": cfg.generator, "sample": k})
     rows.sort(key=lambda r: r["id"])
-    return write_version(out_root, "self-instruct", rows, quarantine, cfg.model_dump(mode="json"))
+    return publish_rows(out_root, "self-instruct", rows, quarantine, cfg.model_dump(mode="json"))

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-# platform/vlit/kube/schemas.py -> the repository's parent holds shared/.
-_REPO = Path(__file__).resolve().parents[3]
+# cluster/kubecheck/schemas.py -> the repository; its parent holds shared/.
+_REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = Path(os.environ.get("VLIT_KUBERAY_CRDS", _REPO.parent / "shared" / "kuberay-crds"))
 KUBERAY_VERSION = "v1.7.0"
 # The published files (ray-project/kuberay, ray-operator/config/crd/bases/ at v1.7.0).

@@ -1,10 +1,11 @@
 """VLFeedback through Serve: prompts -> k responses from the generator pool -> the judge's
 three-aspect ratings -> preference pairs.
 
-The responses and ratings are written as released-format VLFeedback JSONL
-(ROOT/responses/<sha>.jsonl, one row per prompt, ratings as text), and the pairs version
-is built from it by `vlit.synth.feedback.pairs_version`: the same pair rule, ties,
-exclusions, quarantine and digest as for the released data. An aspect the judge did not
+The responses and ratings are written as released-format VLFeedback JSONL, one row per
+prompt, ratings as text: a responses version (`vlit.versions.ResponsesVersion`,
+ROOT/<digest>/responses.jsonl, its image root and the generators and judge in its
+manifest). The pairs version is built from it by `vlit.loops.feedback.build_pairs`: the
+same pair rule, ties, exclusions, quarantine and digest as for the released data. An aspect the judge did not
 rate (status `unparseable` or `unrated`, or a failed call) is written as "N/A" with the
 reason as its rationale, so the pair rule excludes that response, visibly.
 """
@@ -13,14 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 
-from vlit import storage
-from vlit.config import FeedbackLoopConfig
-from vlit.serve.protocol import ASPECTS as JUDGE_ASPECTS
-from vlit.synth.dataset import Prompt, chat_texts, corpus_prompts, serve_calls, user_message
-from vlit.synth.feedback import ASPECTS, pairs_version
-
-# The judge endpoint's aspect names -> the released format's.
-RELEASE_ASPECT = dict(zip(JUDGE_ASPECTS, ASPECTS))
+from vlit import storage, versions
+from vlit.config import ASPECT_NAMES, FeedbackLoopConfig
+from vlit.loops.dataset import Prompt, corpus_prompts
+from vlit.loops.feedback import build_pairs
+from vlit.serve.client import chat_texts, serve_calls, user_message
+from vlit.versions import ResponsesVersion
 
 
 def spread(k: int, generators: list[str]) -> dict[str, int]:
@@ -36,26 +35,12 @@ def _annotations(result: dict | None, error: str | None, aspects: list[str]) -> 
     for aspect in aspects:
         score = (result or {}).get("scores", {}).get(aspect)
         if score and score["status"] == "ok" and score.get("rating") is not None:
-            notes[RELEASE_ASPECT[aspect]] = {"Rating": repr(float(score["rating"])), "Rationale": score.get("rationale")}
+            notes[ASPECT_NAMES[aspect]] = {"Rating": repr(float(score["rating"])), "Rationale": score.get("rationale")}
         else:
             why = error or (f"judge {score['status']}: {score.get('rationale') or score.get('raw')}" if score
                             else "aspect not rated")
-            notes[RELEASE_ASPECT[aspect]] = {"Rating": "N/A", "Rationale": why}
+            notes[ASPECT_NAMES[aspect]] = {"Rating": "N/A", "Rationale": why}
     return notes
-
-
-def common_image_root(images: list[str]) -> str | None:
-    """The deepest folder holding every image (VLFeedback rows name images relative to it)."""
-    if not images:
-        return None
-    parts = [storage.parent(i).split("/") for i in images]
-    common = parts[0]
-    for p in parts[1:]:
-        n = 0
-        while n < min(len(common), len(p)) and common[n] == p[n]:
-            n += 1
-        common = common[:n]
-    return "/".join(common)
 
 
 def feedback_rows(prompts: list[Prompt], cfg: FeedbackLoopConfig, app_name: str = "vlit") -> tuple[list[dict], dict]:
@@ -98,25 +83,32 @@ def feedback_rows(prompts: list[Prompt], cfg: FeedbackLoopConfig, app_name: str 
     return rows, {"generation_errors": errors, "responses": sum(len(r) for r in responses)}
 
 
-def write_responses(rows: list[dict], out_root: str) -> tuple[str, str | None]:
+def write_responses(rows: list[dict], root: str, cfg: FeedbackLoopConfig) -> ResponsesVersion:
     """The rows as released-format JSONL, image paths relative to their deepest common
-    folder, at OUT_ROOT/responses/<sha>.jsonl; (that file, the image root)."""
-    root = common_image_root([r["img_path"] for r in rows if r["img_path"]])
-    rows = [{**r, "img_path": r["img_path"][len(root) + 1:] if r["img_path"] else None} for r in rows]
+    folder: the responses version ROOT/<digest>/ (digest: of the JSONL's bytes), whose
+    manifest names that image root and the generators and judge that made it."""
+    image_root = storage.common_parent([r["img_path"] for r in rows if r["img_path"]])
+    rows = [{**r, "img_path": r["img_path"][len(image_root) + 1:] if r["img_path"] else None} for r in rows]
     data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
-    responses = storage.join(out_root, "responses", hashlib.sha256(data).hexdigest()[:20] + ".jsonl")
-    storage.write_bytes(responses, data)
-    return responses, root
+    digest = hashlib.sha256(data).hexdigest()[:20]
+    with versions.staging(root) as stage:
+        storage.write_bytes(stage.file(ResponsesVersion.TABLE), data)
+        return stage.publish(digest, "feedback-responses", {
+            "digest": digest, "rows": len(rows), "responses": sum(len(r["completions"]) for r in rows),
+            "image_root": image_root, "generators": list(cfg.generators), "judge": cfg.judge or "default-judge",
+            "aspects": list(cfg.aspects)}, ResponsesVersion)
 
 
 def feedback_pairs(cfg: FeedbackLoopConfig, corpus_version: str, out_root: str, app_name: str = "vlit") -> dict:
-    """The VLFeedback loop on `cfg.prompts` prompts of a corpus version; writes the
-    responses JSONL under OUT_ROOT/responses/ and a pairs version under OUT_ROOT/pairs/.
-    Returns the pairs version's summary plus `responses_file` and `generation_errors`."""
+    """The VLFeedback loop on `cfg.prompts` prompts of a corpus version: a responses version
+    under OUT_ROOT/responses/ and its pairs version under OUT_ROOT/pairs/. Returns the pairs
+    version's summary plus `responses` (their count), `responses_file` (the JSONL in the
+    responses version `responses_version`) and `generation_errors`."""
     prompts = corpus_prompts(corpus_version, cfg.prompts, cfg.seed)
     rows, counts = feedback_rows(prompts, cfg, app_name)
-    responses, root = write_responses(rows, out_root)
-    judge = cfg.judge or "default-judge"
-    summary = pairs_version([responses], storage.join(out_root, "pairs"), image_root=root, judge=judge)
-    return {**summary, "responses_file": responses, "generation_errors": counts["generation_errors"],
-            "responses": counts["responses"]}
+    responses = write_responses(rows, storage.join(out_root, "responses"), cfg)
+    jsonl = responses.file(ResponsesVersion.TABLE)
+    summary = build_pairs([jsonl], storage.join(out_root, "pairs"), image_root=responses.manifest["image_root"],
+                          judge=responses.manifest["judge"])
+    return {**summary, "responses_file": jsonl, "responses_version": responses.uri,
+            "generation_errors": counts["generation_errors"], "responses": counts["responses"]}

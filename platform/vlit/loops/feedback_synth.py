@@ -1,7 +1,7 @@
 """VLFeedback-format rows made from the synthetic corpus, with a scripted judge.
 
 Tests and the demo need preference data whose preference a tiny model can learn, and
-whose pair rule outcomes are known. The synthetic corpus (`vlit.corpus.synth`) gives
+whose pair rule outcomes are known. The synthetic world (`vlit.world`) gives
 images with true answers; each prompt here gets up to four responses, rated the way a
 careful judge would rate them:
 
@@ -23,7 +23,7 @@ import random
 
 from vlit import storage
 from vlit.corpus.schema import IMAGE_TOKEN
-from vlit.synth.feedback import ASPECTS
+from vlit.loops.feedback import RELEASE_ASPECTS
 
 JUDGE = "synth-scripted-judge"
 RATIONALES = {
@@ -83,7 +83,7 @@ def synth_feedback(annotation: str, prompts: int, completions: int = 4, seed: in
         rng.shuffle(responses)
         items = [{"model": f"synth-{kind}", "response": text,
                   "annotations": {a: {"Rating": r, "Rationale": RATIONALES[kind]}
-                                  for a, r in zip(ASPECTS, _ratings(kind, i))}}
+                                  for a, r in zip(RELEASE_ASPECTS, _ratings(kind, i))}}
                  for kind, text in responses]
         prompt = row["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
         lines.append(json.dumps({"id": row["id"], "prompt": prompt, "img_path": row["image"],

@@ -26,7 +26,7 @@ def read_annotations(uri: str, limit: int) -> tuple[list[dict], list[dict]]:
     count, attributes}], ocr: [{text, where}], qa: [{question, answer}]}; the first `limit`
     good ones, and quarantine rows (reason, detail, `uri:line`, raw line) for the lines
     before them that are not JSON objects with an id and an image."""
-    from vlit.synth.dataset import quarantine_row
+    from vlit.corpus.schema import quarantine_row
 
     good, bad = [], []
     for n, line in enumerate(storage.read_bytes(uri).decode().splitlines(), 1):
@@ -91,19 +91,19 @@ def run_loop(cfg: Config, loop: str, *, corpus: str | None = None, sources: list
     init_ray(cfg.ray, cfg.run.workdir)
     with serving(cfg, needed=loop != "qc" or loops.quality.judge is not None, attach=attach):
         if loop == "feedback":
-            from vlit.synth.feedback_loop import feedback_pairs
+            from vlit.loops.feedback_loop import feedback_pairs
             return feedback_pairs(loops.feedback, corpus, out, app_name=app)
         if loop == "vigc":
-            from vlit.synth.vigc import vigc_dataset
+            from vlit.loops.vigc import vigc_dataset
             return vigc_dataset(loops.vigc, corpus, out, app_name=app)
         if loop == "self-instruct":
-            from vlit.synth.self_instruct import self_instruct, synth_annotations
+            from vlit.loops.self_instruct import self_instruct, synth_annotations
             n = loops.self_instruct.images
             anns, rejected = (read_annotations(annotations, n) if annotations
                               else (synth_annotations(storage.normalize(synth_corpus), synth_seed, n), []))
             return self_instruct(anns, loops.self_instruct, out, app_name=app, rejected=rejected)
         if loop == "alignment":
-            from vlit.synth.alignment import build_alignment_set
+            from vlit.loops.alignment import build_alignment_set
             return build_alignment_set(loops.alignment, sources, out, app_name=app)
         from vlit.quality.qc import run_qc
         return run_qc(loops.quality, sources[0], out, app_name=app)

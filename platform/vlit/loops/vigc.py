@@ -19,8 +19,10 @@ import re
 from typing import Callable
 
 from vlit.config import VIGCConfig
-from vlit.synth.dataset import (Prompt, chat_texts, corpus_prompts, quarantine_row, serve_calls,
-                                user_message, write_version)
+from vlit.corpus.schema import quarantine_row
+from vlit.loops.dataset import Prompt, corpus_prompts
+from vlit.serve.client import chat_texts, serve_calls, user_message
+from vlit.versions import publish_rows
 
 VIG_PROMPTS = {
     "conversation": "Look at the image and write one question a person might ask about it in a conversation, "
@@ -155,4 +157,4 @@ def vigc_dataset(cfg: VIGCConfig, corpus_version: str, out_root: str, app_name: 
     prompts = corpus_prompts(corpus_version, cfg.images, cfg.seed)
     rows, quarantine = generate(prompts, cfg, app_name)
     rows.sort(key=lambda r: r["id"])
-    return write_version(out_root, "vigc", rows, quarantine, cfg.model_dump(mode="json"))
+    return publish_rows(out_root, "vigc", rows, quarantine, cfg.model_dump(mode="json"))

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from vlit import cli
-from vlit.corpus.synth import synth_corpus
-from vlit.synth.feedback import ASPECTS, PairsVersion, build_pairs, pair_prompt, pairs_version, parse_rating, _response
-from vlit.synth.feedback_synth import JUDGE, synth_feedback
+from vlit.world import synth_corpus
+from vlit.loops.feedback import RELEASE_ASPECTS as ASPECTS, build_pairs, pair_prompt, parse_rating, _response
+from vlit.versions import PairsVersion
+from vlit.loops.feedback_synth import JUDGE, synth_feedback
 
 
 def completion(model: str, ratings, response: str | None = None) -> dict:
@@ -74,9 +75,9 @@ def test_pair_rule_orders_by_mean_and_skips_ties_and_unparseable():
 
 
 def test_cli_writes_pairs_summary_excluded_and_quarantine(released, tmp_path, capsys):
-    out = tmp_path / "pairs"
-    assert cli.main(["feedback", "pairs", str(released), "--out", str(out), "--judge", "judge-7"]) == 0
+    assert cli.main(["feedback", "pairs", str(released), "--out", str(tmp_path / "pairs"), "--judge", "judge-7"]) == 0
     summary = json.loads(capsys.readouterr().out)
+    out = tmp_path / "pairs" / summary["digest"]  # content-addressed, like every version
     assert json.loads((out / "summary.json").read_text())["digest"] == summary["digest"]
     assert {k: summary[k] for k in ("prompts", "pairs", "ties", "unparseable", "quarantined")} == \
         {"prompts": 4, "pairs": 6, "ties": 2, "unparseable": 2, "quarantined": 5}
@@ -118,8 +119,8 @@ def test_digest_names_the_pairs(released, tmp_path):
 
 
 def test_pairs_versions_are_content_addressed_and_reused(released, tmp_path):
-    first = pairs_version([str(released)], str(tmp_path / "versions"))
-    again = pairs_version([str(released)], str(tmp_path / "versions"))
+    first = build_pairs([str(released)], str(tmp_path / "versions"))
+    again = build_pairs([str(released)], str(tmp_path / "versions"))
     assert first["version"] == again["version"] == str(tmp_path / "versions" / first["digest"])
     assert not first["reused"] and again["reused"]
     assert not (tmp_path / "versions" / "_staging").exists() or not any((tmp_path / "versions" / "_staging").iterdir())
@@ -134,7 +135,7 @@ def test_synthetic_feedback_prefers_the_true_answer(tmp_path):
     assert len(rows) == 15 and all(len(r["completions"]) == 4 and r["img_path"].startswith("./images/") for r in rows)
     summary = build_pairs([made["feedback"]], str(tmp_path / "pairs"), judge=JUDGE)
     assert summary["ties"] > 0 and summary["unparseable"] == 3 and summary["quarantined"] == 0
-    pairs = pq.read_table(tmp_path / "pairs" / "pairs.parquet").to_pylist()
+    pairs = pq.read_table(f"{summary['version']}/pairs.parquet").to_pylist()
     truth = [p for p in pairs if p["chosen_model"] == "synth-truth"]
     # Truth beats the 3 wrong answers (2 where the corrupted one is unrated). Every 3rd
     # prompt rates its second wrong answer lower than the other two: 2 more pairs (1 at

@@ -12,31 +12,14 @@ from __future__ import annotations
 
 import json
 
+from collections import Counter
+
 from vlit.config import AlignmentConfig
-from vlit.corpus.schema import IMAGE_TOKEN
-from vlit.synth.dataset import SynthVersion, quarantine_row, serve_calls, write_version
-
-
-def as_vision_flan(row: dict) -> dict:
-    """A generated row in the release shape (VIGC rows keep the corrected answer)."""
-    if "conversations" in row and row.get("task_name"):
-        return {"id": row["id"], "image": row["image"], "task_name": row["task_name"],
-                "conversations": [{"from": t["from"], "value": t["value"]} for t in row["conversations"]]}
-    answer = row.get("vic_answer") or row["vig_answer"]
-    return {"id": row["id"], "image": row["image"], "task_name": f"vigc_{row['type']}",
-            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{row['question']}"},
-                              {"from": "gpt", "value": answer}]}
-
-
-def release_format(rows: list[dict]) -> tuple[list[dict], str | None]:
-    """Rows {id, image (a full URI or None), task_name, conversations} in the release
-    format, and their image root. The release names images relative to an image root
-    (prepare rejects absolute paths as escaping it): the deepest folder holding them all."""
-    from vlit.synth.feedback_loop import common_image_root
-
-    root = common_image_root([r["image"] for r in rows if r["image"]])
-    return [{"id": r["id"], "image": r["image"][len(root) + 1:] if r["image"] else None,
-             "task_name": r["task_name"], "conversations": r["conversations"]} for r in rows], root
+from vlit.corpus.formats import as_vision_flan, to_release
+from vlit.corpus.schema import IMAGE_TOKEN, quarantine_row
+from vlit.loops.feedback import parse_rating
+from vlit.serve.client import serve_calls
+from vlit.versions import DatasetVersion, publish_rows
 
 
 def select_balanced(scored: list[dict], size: int) -> list[dict]:
@@ -57,7 +40,7 @@ def select_balanced(scored: list[dict], size: int) -> list[dict]:
 def build_alignment_set(cfg: AlignmentConfig, sources: list[str], out_root: str, app_name: str = "vlit") -> dict:
     """Judge-score the rows of synthetic dataset versions `sources` and select the
     alignment set into OUT_ROOT/<digest>/ (rows.parquet + annotation.json)."""
-    candidates = [as_vision_flan(r) for uri in sources for r in SynthVersion.open(uri).rows()]
+    candidates = [as_vision_flan(r) for uri in sources for r in DatasetVersion.open(uri).read_rows()]
     reqs = []
     for c in candidates:
         req = {"instruction": c["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip(),
@@ -82,12 +65,10 @@ def build_alignment_set(cfg: AlignmentConfig, sources: list[str], out_root: str,
         scored.append({**c, "score": score})
     chosen = sorted(select_balanced(scored, cfg.size), key=lambda r: r["id"])
     release = [{k: r[k] for k in ("id", "image", "task_name", "conversations")} for r in chosen]
-    summary = write_version(out_root, "alignment-set", chosen, quarantine,
-                            {**cfg.model_dump(mode="json"), "sources": sources},
-                            extra_files={"annotation.json": json.dumps(release, indent=1).encode()})
-    tasks: dict[str, int] = {}
-    for r in chosen:
-        tasks[r["task_name"]] = tasks.get(r["task_name"], 0) + 1
+    summary = publish_rows(out_root, "alignment-set", chosen, quarantine,
+                           {**cfg.model_dump(mode="json"), "sources": sources},
+                           extra_files={"annotation.json": json.dumps(release, indent=1).encode()})
+    tasks = Counter(r["task_name"] for r in chosen)
     return {**summary, "candidates": len(candidates), "tasks": dict(sorted(tasks.items()))}
 
 
@@ -98,8 +79,6 @@ def alignment_from_feedback(rows: list[dict], cfg: AlignmentConfig, out_root: st
     takes no part), `cfg.min_score` applied, then `select_balanced` over tasks. Writes
     OUT_ROOT/<digest>/ with rows.parquet, annotation.json (release format) and the
     rejected prompts in the quarantine, each with its reason."""
-    from vlit.synth.feedback import parse_rating
-
     scored, quarantine = [], []
     for r in rows:
         best, why = None, "no response"
@@ -124,13 +103,11 @@ def alignment_from_feedback(rows: list[dict], cfg: AlignmentConfig, out_root: st
                        "model": c["model"],
                        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": c["response"]}]})
     chosen = sorted(select_balanced(scored, cfg.size), key=lambda r: r["id"])
-    release, root = release_format(chosen)  # the root is kept in the settings
-    summary = write_version(out_root, "alignment-set", chosen, quarantine,
-                            {**cfg.model_dump(mode="json"), **settings, "image_root": root},
-                            extra_files={"annotation.json": json.dumps(release, indent=1).encode()})
-    models: dict[str, int] = {}
-    for r in chosen:
-        models[r["model"]] = models.get(r["model"], 0) + 1
+    release, root = to_release(chosen)  # the root is kept in the settings
+    summary = publish_rows(out_root, "alignment-set", chosen, quarantine,
+                           {**cfg.model_dump(mode="json"), **settings, "image_root": root},
+                           extra_files={"annotation.json": json.dumps(release, indent=1).encode()})
+    models = Counter(r["model"] for r in chosen)
     return {**summary, "candidates": len(rows), "tasks": len({r["task_name"] for r in chosen}),
             "models": dict(sorted(models.items())), "scores": [r["score"] for r in chosen], "release": release,
             "image_root": root}

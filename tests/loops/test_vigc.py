@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlit.synth.vigc import ParseError, correct, new_sentence, parse_qa, vic_prompt
+from vlit.loops.vigc import ParseError, correct, new_sentence, parse_qa, vic_prompt
 
 SCRIPT = ["The circle is red.", "It sits on the left.", "No other shape is red."]
 

@@ -1,7 +1,7 @@
 """VLFeedback preference pairs: the pair rule, the released format, and pairs versions.
 
 The rule, as the released VLFeedback recipe builds pairs: the responses to one prompt
-(image + instruction) are rated by a judge on three aspects (`ASPECTS`); every two
+(image + instruction) are rated by a judge on three aspects (`RELEASE_ASPECTS`); every two
 responses make a pair, the one with the higher mean rating chosen. Equal means are a tie
 and make no pair; a response with a rating that is not a number (or is missing) takes
 part in no pair. Means are compared exactly (ratings parse as fractions), so "4" and
@@ -9,7 +9,8 @@ part in no pair. Means are compared exactly (ratings parse as fractions), so "4"
 counted in the summary and stored, with their provenance, in excluded.parquet: nothing
 leaves silently.
 
-A pairs version (a folder, local or s3://), in the style of a corpus version:
+A pairs version is content-addressed like every vlit version (`vlit.versions`:
+ROOT/<digest>/, staged, manifest last), the digest that of pairs.parquet:
 
     DIR/pairs.parquet       one row per pair (PAIR_SCHEMA): prompt id, prompt, image URI,
                             chosen/rejected responses, models, ratings, rationales, judge,
@@ -17,35 +18,34 @@ A pairs version (a folder, local or s3://), in the style of a corpus version:
     DIR/excluded.parquet    ties and unparseable responses (EXCLUDED_SCHEMA)
     DIR/quarantine.parquet  input lines that are not VLFeedback rows (the corpus's schema)
     DIR/summary.json        prompts, pairs, ties, unparseable, quarantined, digest, ...
-    DIR/manifest.json       written last: a folder without it is not a finished version
+    DIR/manifest.json       written last
 
-The digest is a `TableDigest` of pairs.parquet: what DPO trains on, and the key of the
-reference log-prob cache (`vlit.train.reference`).
+The digest is what DPO trains on, and the key of the reference log-prob cache
+(`vlit.train.reference`).
 """
 from __future__ import annotations
 
-import datetime as dt
 import io
 import itertools
 import json
-import uuid
+from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import vlit
-from vlit import storage
+from vlit import storage, versions
+from vlit.config import ASPECT_NAMES
 from vlit.corpus.images import ImageChecker
-from vlit.corpus.schema import QUARANTINE_SCHEMA
+from vlit.corpus.schema import QUARANTINE_SCHEMA, quarantine_row
 from vlit.digest import TableDigest
+from vlit.versions import PairsVersion
 
-ASPECTS = ("Helpfulness", "Visual Faithfulness", "Ethical Considerations")
+RELEASE_ASPECTS = tuple(ASPECT_NAMES.values())  # the aspects as the released rows name them
 # The judge id of ratings that came with released rows (the CLI's default).
 RELEASE_JUDGE = "vlfeedback-release"
-PAIRS, EXCLUDED, QUARANTINE, SUMMARY, MANIFEST = (
-    "pairs.parquet", "excluded.parquet", "quarantine.parquet", "summary.json", "manifest.json")
+PAIRS, EXCLUDED = PairsVersion.TABLE, "excluded.parquet"
 SCHEMA_VERSION = 1
 FLUSH_PROMPTS = 4096  # prompts per image check and Parquet row group: bounded memory
 
@@ -61,7 +61,7 @@ PAIR_SCHEMA = pa.schema(
         pa.field("rejected_model", pa.string()),
         pa.field("chosen_score", pa.float64(), nullable=False),  # mean of the ratings
         pa.field("rejected_score", pa.float64(), nullable=False),
-        pa.field("chosen_ratings", pa.list_(pa.float64())),  # in ASPECTS order
+        pa.field("chosen_ratings", pa.list_(pa.float64())),  # in RELEASE_ASPECTS order
         pa.field("rejected_ratings", pa.list_(pa.float64())),
         pa.field("chosen_rationales", pa.list_(pa.string())),
         pa.field("rejected_rationales", pa.list_(pa.string())),
@@ -70,7 +70,7 @@ PAIR_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("position", pa.int64(), nullable=False),  # 0-based line of the JSONL source
     ],
-    metadata={"vlit.aspects": json.dumps(ASPECTS), "vlit.schema_version": str(SCHEMA_VERSION)},
+    metadata={"vlit.aspects": json.dumps(RELEASE_ASPECTS), "vlit.schema_version": str(SCHEMA_VERSION)},
 )
 
 EXCLUDED_SCHEMA = pa.schema(
@@ -82,7 +82,7 @@ EXCLUDED_SCHEMA = pa.schema(
         pa.field("other_index", pa.int64()),  # a tie's other response
         pa.field("other_model", pa.string()),
         pa.field("score", pa.float64()),  # the tied mean; null when unparseable
-        pa.field("ratings", pa.list_(pa.string())),  # as the judge wrote them, ASPECTS order
+        pa.field("ratings", pa.list_(pa.string())),  # as the judge wrote them, RELEASE_ASPECTS order
         pa.field("detail", pa.string()),
         pa.field("judge", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
@@ -99,7 +99,7 @@ class FeedbackError(ValueError):
 class Response:
     model: str | None
     text: str | None
-    ratings: tuple  # raw values, ASPECTS order (None: the aspect is missing)
+    ratings: tuple  # raw values, RELEASE_ASPECTS order (None: the aspect is missing)
     rationales: tuple
 
 
@@ -117,7 +117,7 @@ def _unparseable(response: Response) -> str | None:
     """Why a response takes part in no pair, or None."""
     if not isinstance(response.text, str):
         return "no response text"
-    bad = [f"{a}: {r!r}" for a, r in zip(ASPECTS, response.ratings) if parse_rating(r) is None]
+    bad = [f"{a}: {r!r}" for a, r in zip(RELEASE_ASPECTS, response.ratings) if parse_rating(r) is None]
     return f"non-numeric rating ({'; '.join(bad)})" if bad else None
 
 
@@ -128,7 +128,7 @@ def pair_prompt(responses: list[Response]):
     when excluded), (chosen, rejected) index pairs, tied (i, j) index pairs, and the
     indices of excluded responses. Pairs and ties come in the order i < j of the input.
     """
-    scores = [None if _unparseable(r) else sum(parse_rating(x) for x in r.ratings) / len(ASPECTS)
+    scores = [None if _unparseable(r) else sum(parse_rating(x) for x in r.ratings) / len(RELEASE_ASPECTS)
               for r in responses]
     pairs, ties = [], []
     for i, j in itertools.combinations([i for i, s in enumerate(scores) if s is not None], 2):
@@ -141,10 +141,10 @@ def pair_prompt(responses: list[Response]):
 
 def _response(completion) -> Response:
     if not isinstance(completion, dict):
-        return Response(None, None, (None,) * len(ASPECTS), (None,) * len(ASPECTS))
+        return Response(None, None, (None,) * len(RELEASE_ASPECTS), (None,) * len(RELEASE_ASPECTS))
     notes = completion.get("annotations")
     notes = notes if isinstance(notes, dict) else {}
-    aspect = [notes.get(a) if isinstance(notes.get(a), dict) else {} for a in ASPECTS]
+    aspect = [notes.get(a) if isinstance(notes.get(a), dict) else {} for a in RELEASE_ASPECTS]
     return Response(completion.get("model"), completion.get("response"),
                     tuple(a.get("Rating") for a in aspect), tuple(a.get("Rationale") for a in aspect))
 
@@ -187,12 +187,10 @@ class _Writer:
                        "prompts_without_pairs": 0}
         self.completions: dict[int, int] = {}
         fs, path = storage.filesystem(storage.join(out, PAIRS))
-        if not storage.is_s3(out):
-            storage.makedirs(out)
         self.pair_file = pq.ParquetWriter(path, PAIR_SCHEMA, filesystem=fs, compression="zstd")
 
     def reject(self, reason: str, detail: str, source: str, position: int, raw: str) -> None:
-        self.quarantine.append({"reason": reason, "detail": detail, "source_ref": f"{source}#{position}", "raw": raw})
+        self.quarantine.append(quarantine_row(reason, detail, f"{source}#{position}", raw))
 
     def add(self, line: str, source: str, position: int, root: str) -> None:
         try:
@@ -263,30 +261,26 @@ class _Writer:
         self.flush()
         self.pair_file.close()
         for name, rows, schema in ((EXCLUDED, self.excluded, EXCLUDED_SCHEMA),
-                                   (QUARANTINE, self.quarantine, QUARANTINE_SCHEMA)):
-            with storage.open_output(storage.join(self.out, name)) as f:
-                pq.write_table(pa.Table.from_pylist(rows, schema=schema), f, compression="zstd")
+                                   (versions.QUARANTINE, self.quarantine, QUARANTINE_SCHEMA)):
+            versions.write_parquet(storage.join(self.out, name), pa.Table.from_pylist(rows, schema=schema))
         self.counts["quarantined"] = len(self.quarantine)
         summary = {"digest": self.digest.hexdigest(), **self.counts, "judge": self.judge, "sources": sources,
                    "completions_per_prompt": {str(k): v for k, v in sorted(self.completions.items())},
-                   "quarantine_reasons": _count(r["reason"] for r in self.quarantine)}
-        storage.write_json(storage.join(self.out, SUMMARY), summary)
+                   "quarantine_reasons": dict(sorted(Counter(r["reason"] for r in self.quarantine).items()))}
+        storage.write_json(storage.join(self.out, versions.SUMMARY), summary)
         manifest = {"digest": summary["digest"], "rows": self.counts["pairs"], "prompts": self.counts["prompts"],
-                    "schema_version": SCHEMA_VERSION, "aspects": list(ASPECTS), "judge": self.judge,
-                    "sources": sources, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "vlit_version": vlit.__version__}
+                    "schema_version": SCHEMA_VERSION, "aspects": list(RELEASE_ASPECTS), "judge": self.judge,
+                    "sources": sources}
         return summary, manifest
 
 
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return dict(sorted(out.items()))
+def build_pairs(sources: list[str], root: str, image_root: str | None = None, judge: str = RELEASE_JUDGE,
+                image_threads: int = 16) -> dict:
+    """VLFeedback-format JSONL (files or folders) -> the pairs version ROOT/<digest>/; its
+    summary, with `version` and `reused` (the same input finds the finished version).
 
-
-def _write_version(sources: list[str], out: str, image_root: str | None, judge: str,
-                   image_threads: int) -> tuple[dict, dict]:
+    Relative `img_path`s resolve against `image_root`, else each source file's folder.
+    """
     files = []
     for src in sources:
         try:
@@ -295,77 +289,14 @@ def _write_version(sources: list[str], out: str, image_root: str | None, judge: 
             raise FeedbackError(f"feedback source not found: {src}") from None
     if not files:
         raise FeedbackError(f"no .jsonl files under {', '.join(sources)}")
-    writer = _Writer(out, judge, image_threads)
-    for source in files:
-        root = storage.normalize(image_root) if image_root else storage.parent(source)
-        with storage.open_input(source) as raw:
-            for position, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8")):
-                if line.strip():
-                    writer.add(line, source, position, root)
-    return writer.close(files)
-
-
-def build_pairs(sources: list[str], out: str, image_root: str | None = None, judge: str = RELEASE_JUDGE,
-                image_threads: int = 16) -> dict:
-    """VLFeedback-format JSONL (files or folders) -> a pairs version in `out`; the summary.
-
-    Relative `img_path`s resolve against `image_root`, else each source file's folder.
-    An earlier version in `out` stops counting as finished (its manifest goes first).
-    """
-    manifest_uri = storage.join(out, MANIFEST)
-    if storage.exists(manifest_uri):
-        fs, path = storage.filesystem(manifest_uri)
-        fs.delete_file(path)
-    summary, manifest = _write_version(sources, out, image_root, judge, image_threads)
-    storage.write_json(manifest_uri, manifest)
-    return {**summary, "version": storage.normalize(out)}
-
-
-def pairs_version(sources: list[str], root: str, image_root: str | None = None, judge: str = RELEASE_JUDGE) -> dict:
-    """Build pairs into ROOT/<digest>/ (content-addressed, like corpus versions): built in
-    ROOT/_staging/ and moved; an existing finished version of the same digest is reused."""
-    staging = storage.join(root, "_staging", uuid.uuid4().hex[:12])
-    try:
-        summary, manifest = _write_version(sources, staging, image_root, judge, 16)
-    except BaseException:
-        storage.delete_dir(staging)
-        raise
-    final = storage.join(root, summary["digest"])
-    reused = storage.exists(storage.join(final, MANIFEST))
-    if reused:
-        storage.delete_dir(staging)
-    else:
-        storage.delete_dir(final)  # an earlier move that never got its manifest
-        storage.move_dir(staging, final)
-        storage.write_json(storage.join(final, MANIFEST), manifest)
-    return {**summary, "version": final, "reused": reused}
-
-
-@dataclass(frozen=True)
-class PairsVersion:
-    uri: str
-    manifest: dict
-
-    @classmethod
-    def open(cls, uri: str) -> "PairsVersion":
-        uri = storage.normalize(uri)
-        if not storage.exists(storage.join(uri, MANIFEST)):
-            raise FileNotFoundError(f"{uri} is not a finished pairs version: {MANIFEST} is missing "
-                                    "(build one with `vlit feedback pairs INPUT --out DIR`)")
-        return cls(uri, storage.read_json(storage.join(uri, MANIFEST)))
-
-    @property
-    def digest(self) -> str:
-        return self.manifest["digest"]
-
-    @property
-    def rows(self) -> int:
-        return self.manifest["rows"]
-
-    @property
-    def pairs_uri(self) -> str:
-        return storage.join(self.uri, PAIRS)
-
-    def read_table(self, name: str = PAIRS) -> pa.Table:
-        with storage.open_input(storage.join(self.uri, name)) as f:
-            return pq.read_table(pa.BufferReader(f.read()))
+    with versions.staging(root) as stage:
+        writer = _Writer(stage.uri, judge, image_threads)
+        for source in files:
+            folder = storage.normalize(image_root) if image_root else storage.parent(source)
+            with storage.open_input(source) as raw:
+                for position, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8")):
+                    if line.strip():
+                        writer.add(line, source, position, folder)
+        summary, manifest = writer.close(files)
+        version = stage.publish(summary["digest"], "vlfeedback-pairs", manifest, PairsVersion)
+    return {**summary, "version": version.uri, "reused": version.reused}

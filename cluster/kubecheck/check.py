@@ -1,16 +1,17 @@
-"""`vlit cluster check`: every manifest in cluster/ validated offline.
+"""Every manifest in cluster/ validated offline (`vlit cluster check`, `make cluster-check`).
 
     report = check_files(["cluster/rayjob.yaml"], root=".")
     for problem in report.problems: print(problem)   # FILE: KIND NAME: field.path: message
 
-Per document: its schema (`vlit.kube.schemas`: the KubeRay v1.7.0 CRDs read strictly, or
-the core kinds), then the rules of `vlit.kube.rules`. With a repository `root`, the
+Per document: its schema (`kubecheck.schemas`: the KubeRay v1.7.0 CRDs read strictly, or
+the core kinds), then the rules of `kubecheck.rules`. With a repository `root`, the
 manifests are also checked against the project they run (paths in manifests are
 repository paths, since the image's working directory is a copy of the repository):
 
 - a RayService annotated `vlit/serve-config: configs/serve/X.yaml` carries, as its
   `serveConfigV2`, exactly what `vlit.serve.app.deploy_config` makes of that config
-  (`vlit cluster sync` rewrites it), and its cluster has the GPUs its deployments ask for;
+  (`sync_serve_config` rewrites it, keeping the rest of the file as it is: ruamel.yaml's
+  round trip), and its cluster has the GPUs its deployments ask for;
 - a RayJob whose entrypoint is `python jobs/X.py --config FILE [key=value ...]` names a
   job script and a config that exist and validate (with those overrides), joins the
   cluster (`ray.address` set) rather than starting an embedded Ray, keeps its data off
@@ -21,8 +22,8 @@ an error (YAML loaders keep the last one silently).
 """
 from __future__ import annotations
 
-import ast
 import difflib
+import functools
 import json
 import re
 import shlex
@@ -30,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import celpy
 import jsonschema
 import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
-from vlit.kube import rules
-from vlit.kube.schemas import CORE_KINDS, CRDS, SchemaError, schema_for
+from kubecheck import rules
+from kubecheck.schemas import CORE_KINDS, CRDS, SchemaError, schema_for
 
 SERVE_CONFIG_ANNOTATION = "vlit/serve-config"
 
@@ -120,31 +122,28 @@ def _list_type(validator, list_type, instance, schema):
             seen[key] = i
 
 
-_HAS = re.compile(r"has\(self\.([A-Za-z_][A-Za-z0-9_]*)\)")
-_IN = re.compile(r"^self in (\[[^\]]*\])$")
+@functools.lru_cache(maxsize=64)
+def _cel_program(expr: str):
+    env = celpy.Environment()
+    return env.program(env.compile(expr))
 
 
 def _cel(validator, cel_rules, instance, schema):
-    """The x-kubernetes-validations rule forms of the KubeRay CRDs: `self in [...]` and
-    boolean combinations of `has(self.field)`. Transition rules (oldSelf) apply to
-    updates only; any other form is reported as unchecked rather than passed."""
+    """x-kubernetes-validations: each rule evaluated by a CEL interpreter (cel-python) with
+    `self` bound to the field's value, as the API server does. Transition rules (oldSelf)
+    apply to updates only; a rule that fails to evaluate is reported, never passed."""
     for rule in cel_rules:
         expr = rule["rule"].strip()
         if "oldSelf" in expr:
             continue
-        if m := _IN.match(expr):
-            ok = instance in ast.literal_eval(m.group(1))
-        elif isinstance(instance, dict) and _HAS.search(expr):
-            py = _HAS.sub(lambda m: str(m.group(1) in instance), expr)
-            py = py.replace("&&", " and ").replace("||", " or ").replace("!", " not ")
-            if set(re.findall(r"\w+|[^\w\s()]", py)) - {"True", "False", "and", "or", "not"}:
-                yield ValidationError(f"cannot evaluate the CRD's validation rule {expr!r}")
-                continue
-            ok = eval(py, {"__builtins__": {}})  # only True/False/and/or/not/parentheses remain
-        else:
-            yield ValidationError(f"cannot evaluate the CRD's validation rule {expr!r}")
+        try:
+            ok = _cel_program(expr).evaluate({"self": celpy.json_to_cel(instance)})
+        except (celpy.CELParseError, celpy.CELEvalError) as e:
+            yield ValidationError(f"cannot evaluate the CRD's validation rule {expr!r}: {e}")
             continue
-        if not ok:
+        if isinstance(ok, celpy.CELEvalError):  # an error value, e.g. a missing field
+            yield ValidationError(f"cannot evaluate the CRD's validation rule {expr!r}: {ok}")
+        elif not bool(ok):
             yield ValidationError(rule.get("message") or f"fails {expr}")
 
 
@@ -397,35 +396,34 @@ def check_files(paths, root=None, crd_dir=None) -> Report:
 def sync_serve_config(path, root) -> list[str]:
     """Rewrite the serveConfigV2 of each RayService in `path` that names its config
     (annotation vlit/serve-config) from that config; comments and layout elsewhere are
-    kept. Returns the names of the RayServices rewritten."""
+    kept (ruamel.yaml round trip). Returns the names of the RayServices rewritten."""
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.scalarstring import LiteralScalarString
+
     path, root = Path(path), Path(root)
-    chunks = re.split(r"(?m)^(?=---\s*$)", path.read_text())
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)  # the layout of cluster/*.yaml
+    docs = list(rt.load_all(path.read_text()))
     changed = []
-    for n, chunk in enumerate(chunks):
-        doc = yaml.safe_load(chunk)
+    for doc in docs:
         ref = rules.dig(doc, "metadata", "annotations", SERVE_CONFIG_ANNOTATION)
         if not isinstance(doc, dict) or doc.get("kind") != "RayService" or not isinstance(ref, str):
             continue
-        expected = serve_config_for(root / ref)
-        m = re.search(r"(?m)^( *)serveConfigV2:.*\n?", chunk)
-        if m is None:
+        if "serveConfigV2" not in (doc.get("spec") or {}):
             raise ValueError(f"{path}: RayService {doc['metadata'].get('name')} has no serveConfigV2 key to rewrite")
-        indent, end, lines = len(m.group(1)), m.end(), chunk[m.end():].splitlines(keepends=True)
-        body_end = end
-        for line in lines:  # the block: blank lines and lines indented deeper than the key
-            if line.strip() and not line.startswith(" " * (indent + 1)):
-                break
-            end += len(line)
-            if line.strip():
-                body_end = end
-        text = yaml.safe_dump(expected, sort_keys=False, default_flow_style=False, width=120)
-        block = " " * indent + "serveConfigV2: |\n" + "".join(
-            " " * (indent + 2) + line if line.strip() else line for line in text.splitlines(keepends=True))
-        chunks[n] = chunk[:m.start()] + block + chunk[body_end:]
-        if yaml.safe_load(yaml.safe_load(chunks[n])["spec"]["serveConfigV2"]) != expected:
-            raise AssertionError(f"{path}: the rewritten serveConfigV2 does not read back as the Serve config")
-        if chunks[n] != chunk:
-            changed.append(doc["metadata"].get("name"))
+        expected = serve_config_for(root / ref)
+        current = doc["spec"]["serveConfigV2"]
+        if isinstance(current, str) and yaml.safe_load(current) == expected:
+            continue
+        doc["spec"]["serveConfigV2"] = LiteralScalarString(
+            yaml.safe_dump(expected, sort_keys=False, default_flow_style=False, width=120))
+        changed.append(doc["metadata"].get("name"))
     if changed:
-        path.write_text("".join(chunks))
+        out = io.StringIO()
+        rt.dump_all(docs, out)
+        path.write_text(out.getvalue())
     return changed

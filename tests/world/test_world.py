@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from vlit import storage
-from vlit.corpus.synth import (
+from vlit.world import (
     FAMILIES,
     PALETTE,
     SHAPES,

@@ -5,9 +5,9 @@ versioned dataset. Serve starts once for the module."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
+from support.s3 import free_port
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -23,19 +23,13 @@ VOTES = ["Verdict: correct\nReason: right.", "Verdict: incorrect\nReason: wrong.
 DIFFICULTY = "Difficulty: 7\nReason: it needs counting."
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def world(ray_local, tmp_path_factory):
     from ray import serve
 
     from vlit.config import PrepareConfig, ServeConfig
     from vlit.corpus.prepare import prepare_corpus
-    from vlit.corpus.synth import synth_corpus
+    from vlit.world import synth_corpus
     from vlit.serve.app import start
 
     base = tmp_path_factory.mktemp("loops")
@@ -67,8 +61,8 @@ def world(ray_local, tmp_path_factory):
 
 def test_feedback_loop_makes_a_pairs_version(world):
     from vlit.config import FeedbackLoopConfig
-    from vlit.synth.feedback import PairsVersion
-    from vlit.synth.feedback_loop import feedback_pairs
+    from vlit.versions import PairsVersion
+    from vlit.loops.feedback_loop import feedback_pairs
 
     cfg = FeedbackLoopConfig(prompts=3, responses=4, generators=["tiny", "vig"], max_tokens=8)
     out = world["base"] / "feedback"
@@ -91,14 +85,14 @@ def test_feedback_loop_makes_a_pairs_version(world):
 
 def test_vigc_generates_corrects_and_quarantines(world):
     from vlit.config import VIGCConfig
-    from vlit.synth.dataset import SynthVersion
-    from vlit.synth.vigc import vigc_dataset
+    from vlit.versions import DatasetVersion
+    from vlit.loops.vigc import vigc_dataset
 
     cfg = VIGCConfig(images=2, types=["conversation", "complex_reasoning"], generator="vig", corrector="vic",
                      samples=2, rounds=6)
     summary = vigc_dataset(cfg, world["corpus"], str(world["base"] / "vigc"), app_name=world["app"])
-    version = SynthVersion.open(summary["version"])
-    rows = version.rows()
+    version = DatasetVersion.open(summary["version"])
+    rows = version.read_rows()
     assert len(rows) == 4 and summary["quarantined"] == 4
     assert summary["quarantine_reasons"] == {"not_question_answer": 4}
     for r in rows:
@@ -111,13 +105,13 @@ def test_vigc_generates_corrects_and_quarantines(world):
 
 def test_self_instruct_parses_dialogues_and_quarantines_the_rest(world):
     from vlit.config import SelfInstructConfig
-    from vlit.synth.dataset import SynthVersion
-    from vlit.synth.self_instruct import self_instruct, synth_annotations
+    from vlit.versions import DatasetVersion
+    from vlit.loops.self_instruct import self_instruct, synth_annotations
 
     anns = synth_annotations(world["synth"]["out"] if "out" in world["synth"] else str(world["base"] / "src"), 0, 2)
     cfg = SelfInstructConfig(images=2, generator="si", samples=3)
     summary = self_instruct(anns, cfg, str(world["base"] / "self-instruct"), app_name=world["app"])
-    rows = SynthVersion.open(summary["version"]).rows()
+    rows = DatasetVersion.open(summary["version"]).read_rows()
     assert len(rows) == 2 and summary["quarantine_reasons"] == {"mentions_description": 2, "not_json": 2}
     assert rows[0]["conversations"][0]["value"].startswith("<image>\nWhat color")
     assert rows[0]["task_name"] == "self_instruct" and rows[0]["image"].endswith(".png")
@@ -127,8 +121,8 @@ def test_self_instruct_parses_dialogues_and_quarantines_the_rest(world):
 def test_alignment_set_is_judged_balanced_and_in_release_format(world):
     from vlit import storage
     from vlit.config import AlignmentConfig, VIGCConfig
-    from vlit.synth.alignment import build_alignment_set
-    from vlit.synth.vigc import vigc_dataset
+    from vlit.loops.alignment import build_alignment_set
+    from vlit.loops.vigc import vigc_dataset
 
     vigc = vigc_dataset(VIGCConfig(images=2, types=["conversation", "complex_reasoning"], generator="vig",
                                    corrector="vic", samples=1, rounds=4),
@@ -146,7 +140,7 @@ def qc_source(world) -> str:
     """A generated version whose QC outcome is known: task `count` has 3 rows with long
     instructions (1 too long for the threshold), `colour` one row, plus a text-only row and
     a row whose image is not an image."""
-    from vlit.synth.dataset import write_version
+    from vlit.versions import publish_rows
 
     images = sorted((world["base"] / "src" / "images").glob("*.png"))
     broken = world["base"] / "broken.png"
@@ -163,13 +157,13 @@ def qc_source(world) -> str:
             row(3, "colour", "What colour is the circle?", images[3]),
             row(4, "colour", "Name a colour.", None),
             row(5, "colour", "What colour is the square?", broken)]
-    return write_version(str(world["base"] / "qc-src"), "hand-made", rows, [], {})["version"]
+    return publish_rows(str(world["base"] / "qc-src"), "hand-made", rows, [], {})["version"]
 
 
 def test_quality_control_scores_filters_resamples_and_reports(world):
     from vlit.config import QualityConfig
     from vlit.quality.qc import run_qc
-    from vlit.synth.dataset import SynthVersion
+    from vlit.versions import DatasetVersion
 
     cfg = QualityConfig(embedding="hashing", judge="qcj", votes=3, per_task=1, seed=0,
                         thresholds={"instruction_words": (None, 8), "judge_correct": (1, None), "difficulty": (None, 8)})
@@ -177,8 +171,8 @@ def test_quality_control_scores_filters_resamples_and_reports(world):
     assert summary["source_rows"] == 6
     # r5: not an image; r1: 13 words > 8; count keeps 1 of its 2 others, colour 1 of 2.
     assert summary["rejected"] == {"above_instruction_words": 1, "balance_resampled": 2, "image_unreadable": 1}
-    version = SynthVersion.open(summary["version"])
-    rows = {r["id"]: r for r in version.rows()}
+    version = DatasetVersion.open(summary["version"])
+    rows = {r["id"]: r for r in version.read_rows()}
     assert summary["rows"] == 2 and summary["tasks"] == {"colour": 1, "count": 1}
     for r in rows.values():
         assert r["judge_correct"] == 1.0 and r["judge_votes_correct"] == 2 and r["judge_votes_valid"] == 3
