@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	  --no-deps --force-reinstall deepspeed==0.19.8
 	$(PY) -c "from deepspeed.git_version_info import installed_ops as o; assert o['deepspeed_shm_comm'], o"
 	$(PY) -m pip check
+	# vLLM's Python layer in a folder of its own (not the venv): Ray Serve LLM imports it,
+	# and a CPU test builds LLMServer deployments with it (tests/serve/test_llm.py).
+	$(PY) tests/support/vllm_python.py $(VENV)/vllm-python
 	touch $(STAMP)
 
 test: setup

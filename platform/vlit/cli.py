@@ -269,6 +269,15 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(group, name: str, help_: str, func) -> argparse.ArgumentParser:
+    """A subcommand that takes a config FILE and `key.path=value` overrides."""
+    p = group.add_parser(name, help=help_)
+    p.add_argument("file")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlit", description=__doc__.split("\n")[0])
     top = parser.add_subparsers(dest="group", required=True)
@@ -326,9 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("self-instruct", "dialogues from image annotations (the VLIT review)"),
                         ("alignment", "the stage-2 alignment set: judge-scored, task-balanced"),
                         ("qc", "quality control of a generated version: metrics, filters, report")):
-        lo = lp.add_parser(name, help=help_)
-        lo.add_argument("file")
-        lo.add_argument("overrides", nargs="*", help="key.path=value")
+        lo = _config_command(lp, name, help_, _loops)
         lo.add_argument("--attach", action="store_true",
                         help="use the serve section's app already running on the cluster instead of starting it")
         if name in ("feedback", "vigc"):
@@ -341,22 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             lo.add_argument("--source", required=True, nargs="+" if name == "alignment" else None,
                             action="store", help="generated dataset version(s)")
-        lo.set_defaults(func=_loops)
 
     ev = top.add_parser("eval", help="held-out evaluation and gates").add_subparsers(dest="cmd", required=True)
-    e = ev.add_parser("sets", help="build (or reuse) the config's evaluation sets and print their versions")
-    e.add_argument("file")
-    e.add_argument("overrides", nargs="*", help="key.path=value")
-    e.set_defaults(func=_eval_sets)
-    e = ev.add_parser("run", help="evaluate a model on the config's held-out sets; print the metrics as JSON")
-    e.add_argument("file")
-    e.add_argument("overrides", nargs="*", help="key.path=value")
+    _config_command(ev, "sets", "build (or reuse) the config's evaluation sets and print their versions", _eval_sets)
+    e = _config_command(ev, "run", "evaluate a model on the config's held-out sets; print the metrics as JSON",
+                        _eval_run)
     e.add_argument("--model", default=None, help="an exported model (folder or s3://); default: the config's model")
     e.add_argument("--stage", default="eval", help="the stage's name in logs and artifacts")
     e.add_argument("--run-id", default=None, help="an MLflow run to log metrics, predictions and set digests to")
     e.add_argument("--baseline", default=None, help="metrics JSON of the model before the stage (forgetting deltas)")
     e.add_argument("--gate", action="store_true", help="exit 3 when a gate in eval.gates fails")
-    e.set_defaults(func=_eval_run)
 
     g = top.add_parser("lineage", help="a registered model version's chain: run, checkpoint, input datasets, sources")
     g.add_argument("model", help="NAME (latest version), NAME@ALIAS or NAME/VERSION")
@@ -366,14 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_lineage)
 
     c = top.add_parser("config", help="configs").add_subparsers(dest="cmd", required=True)
-    k = c.add_parser("check", help="validate a config file with overrides and print it resolved")
-    k.add_argument("file")
-    k.add_argument("overrides", nargs="*", help="key.path=value")
-    k.set_defaults(func=_config_check)
-    v = c.add_parser("serve", help="Ray Serve's config file (a RayService's serveConfigV2) for a config's serve section")
-    v.add_argument("file")
-    v.add_argument("overrides", nargs="*", help="key.path=value")
-    v.set_defaults(func=_config_serve)
+    _config_command(c, "check", "validate a config file with overrides and print it resolved", _config_check)
+    _config_command(c, "serve", "Ray Serve's config file (a RayService's serveConfigV2) for a config's serve section",
+                    _config_serve)
     cl = top.add_parser("cluster", help="KubeRay manifests (cluster/)").add_subparsers(dest="cmd", required=True)
     k = cl.add_parser("check", help="validate manifests offline: KubeRay CRDs (strict), controller rules, "
                                     "Secret references only, non-root; and against the configs they run")

@@ -422,13 +422,26 @@ class HFBackendConfig(_Strict):
 
 
 class VLLMBackendConfig(_Strict):
-    """vLLM (GPU; the optional `vllm` extra, imported only when this backend is chosen)."""
+    """vLLM through Ray Serve LLM (`ray.serve.llm`, GPU, the serving image's `ray[llm]`):
+    an LLMServer deployment per generator or judge, continuously batching every request in
+    flight, called through its OpenAI-compatible chat API (vlit/serve/llm.py)."""
 
     kind: Literal["vllm"]
+    # model.path: a checkpoint folder or s3:// prefix that carries its chat template.
     model: ModelConfig
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)  # GPUs per engine replica
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
-    max_model_len: int | None = Field(default=None, ge=16)
+    max_model_len: int | None = Field(default=None, ge=16)  # None: model.max_len
+    # Requests in flight at once from one generator/judge replica to the engine.
+    concurrency: int = Field(default=32, ge=1)
+    top_logprobs: int = Field(default=20, ge=5, le=20)  # judge logprob mode
+
+    @model_validator(mode="after")
+    def _a_checkpoint(self) -> "VLLMBackendConfig":
+        if self.model.path is None:
+            raise ValueError("the vllm backend serves a checkpoint: set model.path (a folder or s3:// prefix; "
+                             "export the tiny preset first, as bench/gpu_check.sh does)")
+        return self
 
 
 class OpenAIBackendConfig(_Strict):
@@ -506,10 +519,24 @@ class DeploymentConfig(_Strict):
         return self
 
 
+def _engine_gpus(backend, deployment: "DeploymentConfig"):
+    # For vllm, `deployment` shapes the LLMServer deployment: its replicas each hold one
+    # engine of tensor_parallel_size GPUs, which is what num_gpus must say (the cluster
+    # check counts GPUs from it).
+    if backend.kind == "vllm" and deployment.num_gpus not in (0, backend.tensor_parallel_size):
+        raise ValueError(f"deployment.num_gpus {deployment.num_gpus:g}: a vllm engine replica takes "
+                         f"backend.tensor_parallel_size ({backend.tensor_parallel_size}) GPUs")
+
+
 class GeneratorConfig(_Strict):
     backend: BackendConfig
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     max_new_tokens: int = Field(default=256, ge=1)  # default and upper limit per request
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "GeneratorConfig":
+        _engine_gpus(self.backend, self.deployment)
+        return self
 
 
 class JudgeConfig(_Strict):
@@ -517,6 +544,11 @@ class JudgeConfig(_Strict):
     mode: Literal["logprob", "generate"] = "logprob"  # a request may choose the other
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     max_new_tokens: int = Field(default=256, ge=1)  # generate mode: rating + rationale
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "JudgeConfig":
+        _engine_gpus(self.backend, self.deployment)
+        return self
 
 
 class ImageLimitsConfig(_Strict):

@@ -129,8 +129,14 @@ def initial_model(cfg: Config):
     return build_model_and_processor(model_cfg)
 
 
-def export_model(model, processor, uri: str) -> None:
-    """`save_pretrained` (safetensors) of model and processor to a folder or s3:// prefix."""
+def export_model(model, processor, uri: str, template: str | None = None) -> None:
+    """`save_pretrained` (safetensors) of model and processor to a folder or s3:// prefix.
+    A tokenizer without a chat template gets `template`'s (model/templates.py), so the
+    export formats prompts as it was trained wherever it is loaded."""
+    from vlit.model.templates import CHAT_TEMPLATES
+
+    if template in CHAT_TEMPLATES and not getattr(processor, "chat_template", None):
+        processor.chat_template = processor.tokenizer.chat_template = CHAT_TEMPLATES[template]
     if not storage.is_s3(uri):
         model.save_pretrained(storage.normalize(uri), safe_serialization=True)
         processor.save_pretrained(storage.normalize(uri))

@@ -121,4 +121,4 @@ def export_trained(cfg: Config, state_dict: dict, uri: str) -> None:
     wrapped = EveryRankVision(select_trainable(model.float(), cfg.train))
     wrapped.load_state_dict(state_dict)
     model = wrapped.model.merge_and_unload() if cfg.train.lora.enabled else wrapped.model
-    export_model(model.to(getattr(torch, cfg.model.dtype)), processor, uri)
+    export_model(model.to(getattr(torch, cfg.model.dtype)), processor, uri, cfg.model.template)

@@ -65,6 +65,30 @@ def render_plain(turns: list[tuple[str, str]], eos: str) -> list[Piece]:
 
 TEMPLATES = {"vicuna_v1": render_vicuna_v1, "plain": render_plain}
 
+# The same conversation format as a Hugging Face chat template, saved with exports so
+# other tools (vLLM through Ray Serve LLM, `apply_chat_template`) format prompts exactly as
+# the model was trained. An image part renders as the placeholder and a newline before
+# the turn's text, LLaVA's convention; the generation prompt ends with "ASSISTANT:".
+# tests/model/test_templates.py holds it to `render_vicuna_v1`.
+CHAT_TEMPLATES = {
+    "vicuna_v1": (
+        "{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}"
+        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+        "{%- set messages = messages[1:] -%}{%- endif -%}"
+        "{{- system -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set images = 0 -%}"
+        "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join('\\n') -%}"
+        "{%- set images = message['content'] | rejectattr('type', 'equalto', 'text') | list | length -%}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{- ' USER: ' if loop.first else 'USER: ' -}}{{- '" + IMAGE_TOKEN + "\\n' * images -}}{{- text -}}"
+        "{%- else -%}{{- ' ASSISTANT: ' + text + eos_token -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
+    ),
+}
+
 
 def render(turns: list[tuple[str, str]], template: str, eos: str) -> list[Piece]:
     """The pieces of a conversation of (role, content) turns under `template`."""

@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from vlit.config import Config, ConfigError, DeploymentConfig, ServeConfig, format_errors, require
 from vlit.corpus.schema import IMAGE_TOKEN
+from vlit.serve import llm
 from vlit.serve.backends import GenerationRequest, JudgeItem, Message
 from vlit.serve.generator import Generator
 from vlit.serve.judge import Judge
@@ -219,10 +220,18 @@ def _options(name: str, d: DeploymentConfig) -> dict:
     )
 
 
+def _model_deployment(cls, kind: str, name: str, entry):
+    """One named model of the pool, bound. A vllm backend's model runs in a Ray Serve LLM
+    engine of its own (vlit/serve/llm.py) that this deployment forwards to."""
+    if entry.backend.kind != "vllm":
+        return cls.options(**_options(f"{kind}-{name}", entry.deployment)).bind(name, entry)
+    engine = llm.llm_deployment(llm.model_id(kind, name), entry.backend, entry.deployment)
+    return cls.options(**_options(f"{kind}-{name}", llm.front(entry.deployment))).bind(name, entry, engine)
+
+
 def build_app(cfg: ServeConfig):
-    generators = {n: Generator.options(**_options(f"generator-{n}", g.deployment)).bind(n, g)
-                  for n, g in cfg.generators.items()}
-    judges = {n: Judge.options(**_options(f"judge-{n}", j.deployment)).bind(n, j) for n, j in cfg.judges.items()}
+    generators = {n: _model_deployment(Generator, "generator", n, g) for n, g in cfg.generators.items()}
+    judges = {n: _model_deployment(Judge, "judge", n, j) for n, j in cfg.judges.items()}
     return Router.options(**_options("ingress", cfg.ingress)).bind(cfg, generators, judges)
 
 

@@ -6,13 +6,14 @@ from ray import serve
 
 from vlit.config import GeneratorConfig
 from vlit.serve.backends import Generation, GenerationRequest, make_backend
+from vlit.serve.llm import model_id
 from vlit.serve.replica import ReplicaCore, unwrap
 
 
 @serve.deployment
 class Generator:
-    def __init__(self, name: str, cfg: GeneratorConfig):
-        self.backend = make_backend(cfg.backend)
+    def __init__(self, name: str, cfg: GeneratorConfig, engine=None):
+        self.backend = make_backend(cfg.backend, engine, model_id("generator", name))
         self.core = ReplicaCore(f"generator-{name}", self.backend, cfg.deployment)
         self.core.configure(self.generate_batch)
 

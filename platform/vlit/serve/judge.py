@@ -6,14 +6,15 @@ from ray import serve
 
 from vlit.config import JudgeConfig
 from vlit.serve.backends import JudgeItem, make_backend
+from vlit.serve.llm import model_id
 from vlit.serve.protocol import AspectScore
 from vlit.serve.replica import ReplicaCore, unwrap
 
 
 @serve.deployment
 class Judge:
-    def __init__(self, name: str, cfg: JudgeConfig):
-        self.backend = make_backend(cfg.backend)
+    def __init__(self, name: str, cfg: JudgeConfig, engine=None):
+        self.backend = make_backend(cfg.backend, engine, model_id("judge", name))
         self.core = ReplicaCore(f"judge-{name}", self.backend, cfg.deployment)
         self.core.configure(self.score_batch)
 

@@ -183,14 +183,15 @@ def reply_score(text: str) -> AspectScore:
     return AspectScore(status="ok", rating=float(parsed[0]), rationale=parsed[1], raw=text)
 
 
-def make_backend(cfg: BackendConfig) -> Backend:
-    """The backend of a config, importing only its own module (and libraries)."""
+def make_backend(cfg: BackendConfig, engine=None, model: str | None = None) -> Backend:
+    """The backend of a config, importing only its own module (and libraries). `engine`:
+    the LLMServer deployment handle of a vllm backend, serving `model` (vlit.serve.llm)."""
     if cfg.kind == "hf":
         from vlit.serve.backends.hf import HFBackend
         return HFBackend(cfg)
     if cfg.kind == "vllm":
-        from vlit.serve.backends.vllm import VLLMBackend
-        return VLLMBackend(cfg)
+        from vlit.serve.backends.llm import LLMServerBackend
+        return LLMServerBackend(cfg, engine, model)
     if cfg.kind == "openai":
         from vlit.serve.backends.openai import OpenAIBackend
         return OpenAIBackend(cfg)

@@ -28,7 +28,7 @@ class OpenAIBackend(Backend):
         key = os.environ.get(cfg.api_key_env)
         if not key:
             raise RuntimeError(f"the openai backend reads its API key from ${cfg.api_key_env}, which is not set")
-        self.cfg = cfg
+        self.cfg, self.model_name = cfg, cfg.model
         self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s,
                                     max_retries=cfg.max_retries)
         self.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="openai")
@@ -52,7 +52,7 @@ class OpenAIBackend(Backend):
 
     def _call(self, **kwargs):
         try:
-            return self.client.chat.completions.create(model=self.cfg.model, **kwargs)
+            return self.client.chat.completions.create(model=self.model_name, **kwargs)
         except openai.APIStatusError as e:
             # The endpoint's own message; its status says whose mistake it was.
             status = 400 if e.status_code in (400, 404, 413, 422) else 502
