@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import os
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
@@ -37,12 +38,29 @@ import pyarrow.parquet as pq
 
 import vlit
 from vlit import storage
+from vlit.digest import TableDigest
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 QUARANTINE = "quarantine.parquet"
 STAGING = "_staging"
 DATASET_SCHEMA_VERSION = 1
+
+
+# Rejected rows: why, where from, and the raw row as JSON text so nothing is lost.
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("source_ref", pa.string(), nullable=False),  # "<file uri>#<position>"
+        pa.field("raw", pa.string()),
+    ]
+)
+
+
+def quarantine_row(reason: str, detail: str | None, source_ref: str, raw: str | None) -> dict:
+    """One row of QUARANTINE_SCHEMA."""
+    return {"reason": reason, "detail": detail, "source_ref": source_ref, "raw": raw}
 
 
 @dataclass(frozen=True)
@@ -85,7 +103,7 @@ class Version:
     def file(self, name: str) -> str:
         return storage.join(self.uri, name)
 
-    def read_table(self, name: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, name: str | None = None, *, columns: list[str] | None = None) -> pa.Table:
         """A Parquet file of the version, or every part file of a folder in name order."""
         return read_parquet(self.file(name or self.TABLE), columns)
 
@@ -211,11 +229,6 @@ def publish_rows(root: str, kind: str, rows: list[dict], quarantine: list[dict],
     the version), quarantine.parquet (QUARANTINE_SCHEMA rows), summary.json (counts, the
     loop's settings) and `extra_files` (e.g. annotation.json in the release format).
     Returns the summary with the version's `version` URI and `reused`."""
-    from collections import Counter
-
-    from vlit.corpus.schema import QUARANTINE_SCHEMA
-    from vlit.digest import TableDigest
-
     table = pa.Table.from_pylist(rows, schema=schema) if rows or schema else pa.table({})
     hasher = TableDigest({"kind": kind, "schema_version": DATASET_SCHEMA_VERSION})
     hasher.update(table)

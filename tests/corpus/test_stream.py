@@ -45,13 +45,13 @@ def test_every_row_once_with_pixels_and_transform(ray_s3, tmp_path):
     version, _ = synth_version(str(tmp_path))
     assert len(version.shard_uris) == 3
     keys, batches = _stream(build_stream(version, _config(version)))
-    assert sorted(keys) == sorted(version.read_table(["key"])["key"].to_pylist())
+    assert sorted(keys) == sorted(version.read_table(columns=["key"])["key"].to_pylist())
     pixels = np.concatenate([b["pixels"] for b in batches])
     assert pixels.dtype == np.uint8 and pixels.shape == (120, SIZE, SIZE, 3)
     assert all(b["has_image"].all() for b in batches) and pixels.max() > 0
 
     keys, batches = _stream(build_stream(version, _config(version), transform=Tokenize))
-    assert sorted(keys) == sorted(version.read_table(["key"])["key"].to_pylist())
+    assert sorted(keys) == sorted(version.read_table(columns=["key"])["key"].to_pylist())
     assert {b["input_ids"].dtype.kind for b in batches} == {"i"}
     # One <image> token (id 4) per prompt: the transform saw the rendered turns.
     assert all((b["input_ids"] == 4).sum(axis=1).tolist() == [1] * len(b["key"]) for b in batches)
@@ -60,7 +60,7 @@ def test_every_row_once_with_pixels_and_transform(ray_s3, tmp_path):
 @pytest.mark.timeout(120)
 def test_truncated_image_is_quarantined_and_sampling_matches_plan(ray_s3, tmp_path):
     version, synth = synth_version(str(tmp_path))
-    table = version.read_table(["key", "task", "image", "source", "position"])
+    table = version.read_table(columns=["key", "task", "image", "source", "position"])
     bad = table["image"][0].as_py()
     data = storage.read_bytes(bad)
     storage.write_bytes(bad, data[: len(data) // 2])  # a valid PNG header, a cut body
@@ -84,12 +84,12 @@ def test_truncated_image_is_quarantined_and_sampling_matches_plan(ray_s3, tmp_pa
 @pytest.mark.timeout(120)
 def test_stream_from_s3(ray_s3):
     version, _ = synth_version("s3://vlit-test/stream", instances=60, tasks=4, image_pool=6, shard_rows=25)
-    assert version.uri.startswith("s3://") and version.read_table(["image"])["image"][0].as_py().startswith("s3://")
-    missing = version.read_table(["image"])["image"][0].as_py()
+    assert version.uri.startswith("s3://") and version.read_table(columns=["image"])["image"][0].as_py().startswith("s3://")
+    missing = version.read_table(columns=["image"])["image"][0].as_py()
     fs, path = storage.filesystem(missing)
     fs.delete_file(path)  # an object gone after prepare: quarantined as missing, run goes on
     keys, batches = _stream(build_stream(version, _config(version)))
-    images = version.read_table(["key", "image"]).to_pylist()
+    images = version.read_table(columns=["key", "image"]).to_pylist()
     assert sorted(keys) == sorted(r["key"] for r in images if r["image"] != missing)
     assert batches[0]["pixels"].shape[1:] == (SIZE, SIZE, 3)
     quarantine = pq.read_table(
@@ -117,5 +117,5 @@ def test_two_train_workers_see_every_row_once(ray_s3, tmp_path):
     seen = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert all(s["keys"] for s in seen), "a worker got no rows"
     keys = seen[0]["keys"] + seen[1]["keys"]
-    assert sorted(keys) == sorted(version.read_table(["key"])["key"].to_pylist())
+    assert sorted(keys) == sorted(version.read_table(columns=["key"])["key"].to_pylist())
     assert all(s["shapes"] == [[SIZE, SIZE, 3]] for s in seen)

@@ -89,7 +89,7 @@ def _expected_l2t(processor, content: str, response: str, templates: set[str]):
 
 
 def test_l2t_token_by_token_on_real_vision_flan_rows(processor, sample_dir, tmp_path):
-    rows = sample_version(sample_dir, tmp_path).read_table(["task", "turns", "image"]).to_pylist()
+    rows = sample_version(sample_dir, tmp_path).read_table(columns=["task", "turns", "image"]).to_pylist()
     assert len(rows) >= 200
     model_cfg = ModelConfig(max_len=4096)
     masked_template = supervised_instruction = 0
@@ -160,7 +160,7 @@ def llama_processor(sample_dir):
 
 @pytest.fixture(scope="module")
 def sample_rows(sample_dir, tmp_path_factory):
-    return sample_version(sample_dir, tmp_path_factory.mktemp("sample")).read_table(["task", "turns", "image"]).to_pylist()
+    return sample_version(sample_dir, tmp_path_factory.mktemp("sample")).read_table(columns=["task", "turns", "image"]).to_pylist()
 
 
 def _multi_turn(rows: list[dict]) -> list[dict]:

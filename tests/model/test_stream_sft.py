@@ -26,7 +26,7 @@ def test_template_text_aggregation_is_stored_and_reused(ray_local, tmp_path):
     found = template_text(version, cfg)
 
     # Oracle: the same rule counted in plain Python.
-    rows = version.read_table(["task", "turns"]).to_pylist()
+    rows = version.read_table(columns=["task", "turns"]).to_pylist()
     counts = collections.Counter((r["task"], s) for r in rows for s in set(sentences(r["turns"][0]["content"])))
     n = version.task_counts
     expected = collections.defaultdict(set)
@@ -62,5 +62,5 @@ def test_sft_stream_packs_every_row_once(ray_local, tmp_path):
         real += int((batch["segment_ids"] > 0).sum())
         inputs = collate(batch)
         assert set(MODEL_INPUTS) <= set(inputs) and inputs["pixel_values"].shape[0] == batch["num_images"].sum()
-    assert sorted(keys) == sorted(version.read_table(["key"])["key"].to_pylist())
+    assert sorted(keys) == sorted(version.read_table(columns=["key"])["key"].to_pylist())
     assert real / (512 * len(keys)) < 1  # sanity: rows are shorter than a sequence

@@ -84,7 +84,7 @@ def test_stream_from_s3_under_faults(clean, s3, tmp_path):
     result = json.loads(out.read_text())
     print(f"stream under faults: {time.monotonic() - started:.1f}s (two passes and Ray start), "
           f"faults {result['faulty']['faults']}")
-    every_key = sorted(CorpusVersion.open(summary["version"]).read_table(["key"])["key"].to_pylist())
+    every_key = sorted(CorpusVersion.open(summary["version"]).read_table(columns=["key"])["key"].to_pylist())
     assert sorted(result["clean"]["keys"]) == every_key  # each row once, without faults
     assert sorted(result["faulty"]["keys"]) == every_key  # and with them: no row lost or repeated
     assert result["clean"]["quarantine"] == result["faulty"]["quarantine"] == {}

@@ -80,7 +80,7 @@ def test_poison_images_pass_header_check_and_are_quarantined_by_the_stream(ray_l
                              str(tmp_path / "versions"))
     assert (summary["rows"], summary["quarantined"]) == (19, 0)  # the header check passes all three
     version = CorpusVersion.open(summary["version"])
-    rows = version.read_table(["key", "image"]).to_pylist()
+    rows = version.read_table(columns=["key", "image"]).to_pylist()
     bad_images = {str(tmp_path / "src" / "imgs" / name) for name, kind in kinds.items() if kind == "bad"}
 
     cfg = CorpusConfig(out=version.uri, stream={"image_size": 16, "block_rows": 8})

@@ -15,6 +15,7 @@ import json
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -27,9 +28,9 @@ from vlit.config import PrepareConfig
 from vlit.corpus.formats import SOURCE_SCHEMAS, Normalized, coerce, normalize
 from vlit.corpus.images import ImageChecker, StoreReadError
 from vlit.corpus.jsonstream import Chunk, ChunkReader, JSONStreamError
-from vlit.corpus.schema import CORPUS_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
+from vlit.corpus.schema import CORPUS_SCHEMA, SCHEMA_VERSION
 from vlit.digest import TableDigest
-from vlit.versions import CorpusVersion
+from vlit.versions import QUARANTINE_SCHEMA, CorpusVersion
 
 SOURCE_SUFFIXES = (".json", ".jsonl")
 _READ_OPTIONS = pj.ReadOptions(block_size=8 * 1024 * 1024)

@@ -38,21 +38,7 @@ CORPUS_SCHEMA = pa.schema(
     metadata={"vlit.schema_version": str(SCHEMA_VERSION)},
 )
 
-# Rejected rows: why, where from, and the raw row as JSON text so nothing is lost.
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("detail", pa.string()),
-        pa.field("source_ref", pa.string(), nullable=False),  # "<file uri>#<position>"
-        pa.field("raw", pa.string()),
-    ]
-)
-
-
-def quarantine_row(reason: str, detail: str | None, source_ref: str, raw: str | None) -> dict:
-    """One row of QUARANTINE_SCHEMA."""
-    return {"reason": reason, "detail": detail, "source_ref": source_ref, "raw": raw}
-
+# Rejected rows go to a quarantine of QUARANTINE_SCHEMA (vlit/versions.py), with one of these.
 # Quarantine reasons. One name each, used by prepare, streaming and the summaries.
 REASONS = (
     "unparseable",          # not JSON, or a JSON value that is not an object

@@ -29,8 +29,8 @@ from vlit import storage
 from vlit.config import CorpusConfig
 from vlit.corpus.images import decode_image, read_image_bytes
 from vlit.corpus.sampling import SamplingPlan
-from vlit.corpus.schema import QUARANTINE_SCHEMA
 from vlit.corpus.tasks import TemplateSet, load_templates
+from vlit.versions import QUARANTINE_SCHEMA
 
 STREAM_QUARANTINE = "stream_quarantine"
 

@@ -47,8 +47,24 @@ from vlit.config import EVAL_SUITES as SUITES
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.digest import TableDigest
 from vlit.versions import EvalSet
-from vlit.world import (CHOICE_LAYOUTS, HINTS, INTROS, LAYOUTS, NUMBER_WORDS, PALETTE, POSITIONS, SHAPES, WHERE,
-                        Scene, corpus_tasks, family_scale, png, render_scene, scene_for, task_sizes)
+from vlit.world import (
+    CHOICE_LAYOUTS,
+    HINTS,
+    INTROS,
+    LAYOUTS,
+    NUMBER_WORDS,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    WHERE,
+    Scene,
+    corpus_tasks,
+    family_scale,
+    png,
+    render_scene,
+    scene_for,
+    task_sizes,
+)
 
 SCHEMA_VERSION = 1
 

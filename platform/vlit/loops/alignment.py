@@ -11,15 +11,14 @@ holds rows.parquet and annotation.json in the release format for `vlit corpus pr
 from __future__ import annotations
 
 import json
-
 from collections import Counter
 
 from vlit.config import AlignmentConfig
 from vlit.corpus.formats import as_vision_flan, to_release
-from vlit.corpus.schema import IMAGE_TOKEN, quarantine_row
+from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.loops.feedback import parse_rating
 from vlit.serve.client import serve_calls
-from vlit.versions import DatasetVersion, publish_rows
+from vlit.versions import DatasetVersion, publish_rows, quarantine_row
 
 
 def select_balanced(scored: list[dict], size: int) -> list[dict]:

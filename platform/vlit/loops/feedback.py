@@ -38,9 +38,8 @@ import pyarrow.parquet as pq
 from vlit import storage, versions
 from vlit.config import ASPECT_NAMES
 from vlit.corpus.images import ImageChecker
-from vlit.corpus.schema import QUARANTINE_SCHEMA, quarantine_row
 from vlit.digest import TableDigest
-from vlit.versions import PairsVersion
+from vlit.versions import QUARANTINE_SCHEMA, PairsVersion, quarantine_row
 
 RELEASE_ASPECTS = tuple(ASPECT_NAMES.values())  # the aspects as the released rows name them
 # The judge id of ratings that came with released rows (the CLI's default).

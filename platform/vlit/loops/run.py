@@ -26,7 +26,7 @@ def read_annotations(uri: str, limit: int) -> tuple[list[dict], list[dict]]:
     count, attributes}], ocr: [{text, where}], qa: [{question, answer}]}; the first `limit`
     good ones, and quarantine rows (reason, detail, `uri:line`, raw line) for the lines
     before them that are not JSON objects with an id and an image."""
-    from vlit.corpus.schema import quarantine_row
+    from vlit.versions import quarantine_row
 
     good, bad = [], []
     for n, line in enumerate(storage.read_bytes(uri).decode().splitlines(), 1):

@@ -18,9 +18,8 @@ import re
 
 from vlit import storage
 from vlit.config import SelfInstructConfig
-from vlit.corpus.schema import quarantine_row
 from vlit.serve.client import chat_texts, serve_calls
-from vlit.versions import publish_rows
+from vlit.versions import publish_rows, quarantine_row
 from vlit.world import WHERE, scene_for
 
 SYSTEM_PROMPT = (

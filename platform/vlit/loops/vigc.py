@@ -19,10 +19,9 @@ import re
 from typing import Callable
 
 from vlit.config import VIGCConfig
-from vlit.corpus.schema import quarantine_row
 from vlit.loops.dataset import Prompt, corpus_prompts
 from vlit.serve.client import chat_texts, serve_calls, user_message
-from vlit.versions import publish_rows
+from vlit.versions import publish_rows, quarantine_row
 
 VIG_PROMPTS = {
     "conversation": "Look at the image and write one question a person might ask about it in a conversation, "

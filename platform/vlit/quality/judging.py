@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from vlit.serve.rubric import neutralize
 from vlit.serve.client import user_message
+from vlit.serve.rubric import neutralize
 
 VERDICT_PROMPT = (
     "You check an AI assistant's answer to an instruction about an image. Look at the image, "

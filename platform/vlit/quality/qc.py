@@ -22,21 +22,26 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections import Counter
 
 import pyarrow as pa
-
-from collections import Counter
 
 from vlit import storage
 from vlit.config import QC_METRICS, QualityConfig
 from vlit.corpus.formats import as_vision_flan, to_release
-from vlit.corpus.schema import IMAGE_TOKEN, quarantine_row
+from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.quality import judging
 from vlit.quality.filters import apply_thresholds
-from vlit.quality.metrics import (balance_variance, balanced_resample, element_counts, embedder,
-                                  instruction_diversity, response_clusters)
+from vlit.quality.metrics import (
+    balance_variance,
+    balanced_resample,
+    element_counts,
+    embedder,
+    instruction_diversity,
+    response_clusters,
+)
 from vlit.serve.client import chat_texts
-from vlit.versions import DatasetVersion, publish_rows
+from vlit.versions import DatasetVersion, publish_rows, quarantine_row
 
 # The row operators are light (the model work runs in Serve replicas or the CLIP actor):
 # fractions of a CPU leave room for both on a small cluster.

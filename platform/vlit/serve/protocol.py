@@ -23,7 +23,6 @@ from vlit import storage
 from vlit.config import ASPECTS, Aspect, ImageLimitsConfig
 
 
-
 class RequestError(Exception):
     """A request that cannot be served as sent. `status` is the HTTP status (4xx for the
     caller's mistakes, 5xx for ours); the message says what is wrong."""

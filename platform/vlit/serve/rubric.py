@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 
-from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.config import ASPECTS
+from vlit.corpus.schema import IMAGE_TOKEN
 
 RUBRICS = {
     "helpfulness": (

@@ -32,11 +32,11 @@ import torch
 from vlit import storage, versions
 from vlit.config import Config
 from vlit.digest import DIGEST_CHARS
-from vlit.versions import ReferenceCache
-from vlit.model.pairs import PairTransform, collate_pairs, pairs_quarantine, pairs_stream
-from vlit.train.preference import sequence_logps
 from vlit.model.build import initial_model
+from vlit.model.pairs import PairTransform, collate_pairs, pairs_quarantine, pairs_stream
 from vlit.model.parts import EveryRankVision
+from vlit.train.preference import sequence_logps
+from vlit.versions import ReferenceCache
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
 

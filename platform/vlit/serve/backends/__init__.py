@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlit.config import BackendConfig
-from vlit.model.templates import RESPONSE, SYSTEM, EncodeError, render
 from vlit.corpus.schema import IMAGE_TOKEN
+from vlit.model.templates import RESPONSE, SYSTEM, EncodeError, render
 from vlit.serve import rubric
 from vlit.serve.protocol import AspectScore, RequestError
 
