@@ -25,8 +25,9 @@ def _keys(ds) -> list[str]:
 
 
 def main(version_uri: str, quarantine_root: str, rate: float, seed: int, out: str) -> None:
-    from vlit import storage
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: support/
     from support.faults import FaultProxy
+    from vlit import storage
 
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"], rate=0.0, seed=seed) as proxy, proxy.routing():
         import ray
