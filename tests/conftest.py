@@ -26,6 +26,14 @@ def sample_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizers_dir() -> Path:
+    """The real LLaMA-2 and Qwen3 tokenizers (../shared/tokenizers; see its README)."""
+    path = Path(os.environ.get("VLIT_TOKENIZERS_DIR", REPO.parent / "shared" / "tokenizers"))
+    assert (path / "llama2" / "tokenizer.json").exists(), f"tokenizers not found at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
 def s3():
     """moto's S3 server on 127.0.0.1 with a `vlit-test` bucket; AWS_* env set for the session."""
     from support.s3 import LocalS3

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from llama_style import llama_style_processor, sample_texts
+from model_helpers import row, sample_version
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
-from llama_style import llama_style_processor, sample_texts
-from model_helpers import row, sample_version
 from vlit.config import LossConfig, ModelConfig
 from vlit.corpus.template_text import sentence_spans
 from vlit.model.build import tiny_processor
 from vlit.model.labels import IGNORE, encode_row, num_image_tokens
-from vlit.model.templates import VICUNA_SYSTEM, EncodeError, render
+from vlit.model.templates import VICUNA_SYSTEM, EncodeError, image_first, render
 
 VICUNA, PLAIN = ModelConfig(), ModelConfig(template="plain")
 RESPONSE, L2T = LossConfig(), LossConfig(target="l2t")
@@ -94,7 +94,8 @@ def test_l2t_token_by_token_on_real_vision_flan_rows(processor, sample_dir, tmp_
     model_cfg = ModelConfig(max_len=4096)
     masked_template = supervised_instruction = 0
     for r in rows:
-        content, response = r["turns"][0]["content"], r["turns"][1]["content"]
+        # As vicuna_v1 renders it: the image first, the turn stripped (templates.image_first).
+        content, response = image_first(r["turns"][0]["content"]), r["turns"][1]["content"]
         # The task's template text: its first sentence (the sample has one row per task, too
         # few for the frequency pass; that pass is tested on its own).
         first = content[slice(*sentence_spans(content)[0])]

@@ -22,7 +22,10 @@ to the start of the input (LLaMA, Vicuna) lands on the context, not on "USER:" a
 "</s>", and needs no per-tokenizer length offsets as in LLaVA; a token that spans a turn
 boundary, in the whole text or in the turn's own tokenization, is still a mismatch.
 
-The image placeholder is expanded to the processor's image-token count after
+Text is tokenized a stretch between image placeholders at a time, each stretch on its
+own, as LLaVA's `tokenizer_image_token` does: a SentencePiece tokenizer prepends its "▁"
+to the text after an image too (`legacy: false` would not, in one pass over the whole
+text). The image placeholder is expanded to the processor's image-token count after
 tokenization, so lengths are the model's real sequence lengths. A row longer than
 `model.max_len` is quarantined as `too_long` rather than truncated: cutting inside the
 image span breaks the model's image-feature count, and cutting the response leaves a
@@ -105,6 +108,25 @@ def _char_supervision(pieces, target: str, templates: set[str]) -> np.ndarray:
     return mask
 
 
+def _tokenize(tokenizer, text: str) -> tuple[list[int], np.ndarray]:
+    """Token ids and character offsets [n, 2] of `text`, each stretch between image
+    placeholders tokenized on its own and each placeholder one token (see module doc)."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    at = 0
+    for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            ids.append(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+            offsets.append((at, at + len(IMAGE_TOKEN)))
+            at += len(IMAGE_TOKEN)
+        if chunk:
+            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+            ids += enc["input_ids"]
+            offsets += [(a + at, b + at) for a, b in enc["offset_mapping"]]
+        at += len(chunk)
+    return ids, np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+
+
 def _mismatch(tokenizer, a: list[int], b: list[int], what: str) -> EncodeError:
     at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return EncodeError(
@@ -140,8 +162,7 @@ def _check_per_turn(tokenizer, pieces, ids: list[int], offsets: np.ndarray) -> N
                                   f"the boundary of turns {turn - 1} and {turn} (char {lo})")
             if before.size:
                 context = text[offsets[before[-1], 0]:lo]
-        enc = tokenizer(context + text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
-        own = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        own_ids, own = _tokenize(tokenizer, context + text[lo:hi])
         n = len(context)
         across = np.flatnonzero((own[:, 0] < n) & (own[:, 1] > n))
         if across.size:
@@ -149,7 +170,7 @@ def _check_per_turn(tokenizer, pieces, ids: list[int], offsets: np.ndarray) -> N
             raise EncodeError("tokenization_mismatch", f"{what}: turn {turn} tokenized after its context "
                               f"{context!r} starts inside token {(context + text[lo:hi])[a:b]!r}")
         # Tokens that start in the context cover only the context: drop them.
-        per_turn += [i for i, start in zip(enc["input_ids"], own[:, 0]) if start >= n]
+        per_turn += [i for i, start in zip(own_ids, own[:, 0]) if start >= n]
     if per_turn != ids:
         raise _mismatch(tokenizer, per_turn, ids, what)
 
@@ -166,8 +187,7 @@ def encode_row(row: dict, processor, model_cfg: ModelConfig, loss_cfg: LossConfi
     templates = (template_text or {}).get(row["task"], set()) if loss_cfg.target == "l2t" else set()
     supervised = _char_supervision(pieces, loss_cfg.target, templates)
 
-    whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = whole["input_ids"], np.asarray(whole["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    ids, offsets = _tokenize(tokenizer, text)
     _check_per_turn(tokenizer, pieces, ids, offsets)
 
     # Supervised characters per token; a token is a target when all of its characters are.

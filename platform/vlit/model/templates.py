@@ -2,8 +2,12 @@
 span of that text is (system prompt, role tag, instruction, response), so label masks
 follow from the rendering instead of being re-derived from token counts.
 
-- `vicuna_v1` (LLaVA-1.5 fine-tuning):
-  "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
+- `vicuna_v1` (LLaVA-1.5 fine-tuning, `conv_vicuna_v1`):
+  "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>", with the image
+  placeholder moved to the start of its turn and followed by a newline, that turn's text
+  stripped (LLaVA's `preprocess_multimodal`): wherever a row puts `<image>`, the model
+  sees it where LLaVA-1.5 trained it. tests/model/test_llava_parity.py holds it (and the
+  labels, and the tokens) to LLaVA's own preprocessing on the real sample rows.
 - `plain` (LLaVA pretraining, projector alignment): "<image>{caption}\\n"; the
   instruction is dropped and the caption supervised.
 """
@@ -15,9 +19,11 @@ from vlit.corpus.schema import IMAGE_TOKEN
 
 SYSTEM, ROLE, INSTRUCTION, RESPONSE, IMAGE = "system", "role", "instruction", "response", "image"
 
+# conv_vicuna_v1's system prompt (LLaVA-1.5); "a curious human ... the human's questions"
+# is the older v0 wording.
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
 
@@ -43,10 +49,19 @@ def _check_turns(turns: list[tuple[str, str]]) -> None:
         raise EncodeError("bad_turns", f"expected alternating user/assistant turns, got {roles}")
 
 
+def image_first(content: str) -> str:
+    """A turn holding the image placeholder as LLaVA trains it: the placeholder first, then
+    a newline and the turn's text, stripped. Other turns are left as they are."""
+    if IMAGE_TOKEN not in content:
+        return content
+    return (IMAGE_TOKEN + "\n" + content.replace(IMAGE_TOKEN, "").strip()).strip()
+
+
 def render_vicuna_v1(turns: list[tuple[str, str]], eos: str) -> list[Piece]:
     _check_turns(turns)
     pieces = [Piece(VICUNA_SYSTEM, SYSTEM, 0)]
     for i, (role, content) in enumerate(turns):
+        content = image_first(content)
         if role == "user":
             # The separator " " before a role tag belongs to the tag, as LLaVA renders it.
             pieces += [Piece(" USER: " if i == 0 else "USER: ", ROLE, i), Piece(content, INSTRUCTION, i)]
@@ -82,7 +97,8 @@ CHAT_TEMPLATES = {
         " | map(attribute='text') | join('\\n') -%}"
         "{%- set images = message['content'] | rejectattr('type', 'equalto', 'text') | list | length -%}{%- endif -%}"
         "{%- if message['role'] == 'user' -%}"
-        "{{- ' USER: ' if loop.first else 'USER: ' -}}{{- '" + IMAGE_TOKEN + "\\n' * images -}}{{- text -}}"
+        "{{- ' USER: ' if loop.first else 'USER: ' -}}"
+        "{%- if images -%}{{- '" + IMAGE_TOKEN + "\\n' * images + text | trim -}}{%- else -%}{{- text -}}{%- endif -%}"
         "{%- else -%}{{- ' ASSISTANT: ' + text + eos_token -}}{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
