@@ -85,7 +85,7 @@ def platform_rate(cfg: Config, version: CorpusVersion, warmup: int) -> float:
 
 def bare_rate(cfg: Config, batches: list[dict], warmup: int) -> float:
     model, _ = build_model_and_processor(cfg.model)
-    trainable = tuple(p for part in cfg.train.trainable for p in PARTS[part])
+    trainable = tuple(p for part in cfg.train.trainable for p in PARTS["llava"][part])
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith(trainable)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -77,7 +77,8 @@ def measure(sample: Path, tokenizer_path: str) -> dict:
     from vlit.config import LossConfig, ModelConfig, PrepareConfig
     from vlit.corpus.prepare import prepare_corpus
     from vlit.versions import CorpusVersion
-    from vlit.model.labels import IGNORE, encode_row, num_image_tokens
+    from vlit.model.families import num_image_tokens
+    from vlit.model.labels import IGNORE, encode_row
     from vlit.model.templates import EncodeError, render
 
     processor = processor_for(tokenizer_path)

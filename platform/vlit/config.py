@@ -126,12 +126,17 @@ class CorpusConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A LLaVA-architecture model: `preset: tiny` builds one from config (CPU tests, the
-    demo); `path` loads real weights in Hugging Face format from a folder or s3:// URI."""
+    """A model of a family vlit trains (LLaVA, Qwen2.5-VL, Qwen3-VL; vlit/model/families.py):
+    a preset builds a tiny one from config (CPU tests, the demo): `tiny` (LLaVA over an
+    offline tokenizer), `tiny-qwen2.5-vl` and `tiny-qwen3-vl` (over the Qwen3 tokenizer in
+    `tokenizer`); `path` loads a checkpoint in Hugging Face format from a folder or s3://."""
 
-    preset: Literal["tiny"] | None = "tiny"
+    preset: Literal["tiny", "tiny-qwen2.5-vl", "tiny-qwen3-vl"] | None = "tiny"
     path: str | None = None
-    template: Literal["vicuna_v1", "plain"] = "vicuna_v1"
+    tokenizer: str | None = None  # the tokenizer folder of a tiny Qwen-VL preset
+    # vicuna_v1, plain, or the checkpoint's own chat template (chat_template); None: the
+    # checkpoint's when it has one, else vicuna_v1 (vlit/model/templates.py).
+    template: Literal["vicuna_v1", "plain", "chat_template"] | None = None
     max_len: int = Field(default=512, ge=16)
     vision_feature_layer: int = -2
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -141,6 +146,9 @@ class ModelConfig(_Strict):
     def _one_source(self) -> "ModelConfig":
         if (self.preset is None) == (self.path is None):
             raise ValueError("set exactly one of model.preset and model.path")
+        if self.preset and self.preset.startswith("tiny-qwen") and self.tokenizer is None:
+            raise ValueError(f"model.preset {self.preset} builds over the real Qwen3 tokenizer: set model.tokenizer "
+                             "(a folder with it, e.g. ../shared/tokenizers/qwen3)")
         return self
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from vlit.config import PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
 from vlit.world import synth_corpus
@@ -44,4 +46,6 @@ class Tokenize:
         prompts = [turns[0]["content"] for turns in batch["turns"]]
         # A fixed length, so batches re-cut by the consumer still stack into one array.
         ids = self.tokenizer(prompts, padding="max_length", max_length=384, truncation=True, return_tensors="np")["input_ids"]
-        return {"key": batch["key"], "input_ids": ids, "pixels": batch["pixels"]}
+        # A transform gets the decoded images as they are (here all of one size).
+        pixels = np.stack([np.asarray(im) for im in batch["images"]])
+        return {"key": batch["key"], "input_ids": ids, "pixels": pixels}

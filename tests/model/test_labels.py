@@ -13,7 +13,8 @@ from transformers import LlavaProcessor, PreTrainedTokenizerFast
 from vlit.config import LossConfig, ModelConfig
 from vlit.corpus.template_text import sentence_spans
 from vlit.model.build import tiny_processor
-from vlit.model.labels import IGNORE, encode_row, num_image_tokens
+from vlit.model.families import num_image_tokens
+from vlit.model.labels import IGNORE, encode_row
 from vlit.model.templates import VICUNA_SYSTEM, EncodeError, image_first, render
 
 VICUNA, PLAIN = ModelConfig(), ModelConfig(template="plain")

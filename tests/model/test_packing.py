@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model_helpers import row
 from vlit.config import LossConfig, ModelConfig, TrainConfig
@@ -29,15 +30,17 @@ def tiny():
 
 
 def _batch(rows: list[dict], processor, **train) -> dict:
-    """The stream's numpy batch for `rows`: random pixels, then the transform."""
+    """The stream's numpy batch for `rows`: random images, then the transform."""
     rng = np.random.default_rng(0)
     n = len(rows)
+    pixels = rng.integers(0, 255, (n, 40, 40, 3), dtype=np.uint8)
     batch = {
         "key": np.array([r["key"] for r in rows]),
         "task": np.array([r["task"] for r in rows]),
         "turns": np.array([r["turns"] for r in rows] + [None], dtype=object)[:n],
         "has_image": np.array([r["image"] is not None for r in rows]),
-        "pixels": rng.integers(0, 255, (n, 40, 40, 3), dtype=np.uint8),
+        "images": [Image.fromarray(p) if r["image"] is not None else None for p, r in zip(pixels, rows)],
+        "pixels": pixels,
         "source": np.array(["src"] * n),
         "position": np.arange(n),
     }

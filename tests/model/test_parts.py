@@ -15,8 +15,7 @@ def _cfg(tmp_path, **train) -> Config:
 
 
 def _trainable_parts(model) -> set[str]:
-    names = {n.removeprefix(parts.PEFT_PREFIX) for n, p in model.named_parameters() if p.requires_grad}
-    return {part for part, prefixes in parts.PARTS.items() if any(n.startswith(prefixes) for n in names)}
+    return {parts.part_of(n, "llava") for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("parts", [["projector"], ["projector", "llm"], ["vision", "projector", "llm"]])

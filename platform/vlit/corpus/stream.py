@@ -35,15 +35,19 @@ from vlit.versions import QUARANTINE_SCHEMA
 STREAM_QUARANTINE = "stream_quarantine"
 
 
+def resized(rgb: Image.Image, size: int) -> np.ndarray:
+    """A decoded RGB image as a uint8 array (size, size, 3)."""
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(rgb)
+
+
 def load_pixels(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes -> uint8 RGB array (size, size, 3). Raises on bad data.
 
     Decoding is `images.decode_image`, the same code that ingest's `decode` check runs.
     """
-    rgb = decode_image(data)
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb)
+    return resized(decode_image(data), size)
 
 
 class _SampleAndRender:
@@ -65,6 +69,9 @@ class _DecodeImages:
     One stage for decode and transform, so pixels go from the decoder to the tokenizer/
     processor without another trip through the object store, and one pool of
     `decode_concurrency` workers holds the CPUs (a second pool could starve the reads).
+    A transform gets each row's decoded image as it is (`images`: RGB or None), for the
+    model family's own preprocessing (vlit/model/families.py); without one, rows carry
+    `pixels` resized to `stream.image_size` square.
     """
 
     def __init__(self, image_size: int, quarantine: str, epoch: int, transform=None):
@@ -73,9 +80,7 @@ class _DecodeImages:
         self.transform = transform() if _is_stateful(transform) else transform
 
     def __call__(self, table: pa.Table):
-        size = self.size
-        pixels = np.zeros((len(table), size, size, 3), dtype=np.uint8)
-        has_image = np.zeros(len(table), dtype=bool)
+        images: list = [None] * len(table)
         failures = []  # (row, reason, detail)
         for row, uri in enumerate(table["image"].to_pylist()):
             if uri is None:
@@ -86,20 +91,24 @@ class _DecodeImages:
                 failures.append((row, "image_missing", f"{uri}: {type(e).__name__}: {e}"))
                 continue
             try:
-                pixels[row] = load_pixels(data, size)
-                has_image[row] = True
+                images[row] = decode_image(data)
             except Exception as e:  # noqa: BLE001 - any decoder error means undecodable bytes
                 failures.append((row, "image_undecodable", f"{uri}: {type(e).__name__}: {e}"))
         if failures:
             self._quarantine(table, failures)
             keep = np.ones(len(table), dtype=bool)
             keep[[row for row, _, _ in failures]] = False
-            table, pixels, has_image = table.filter(pa.array(keep)), pixels[keep], has_image[keep]
+            table, images = table.filter(pa.array(keep)), [im for im, k in zip(images, keep) if k]
+        has_image = np.array([im is not None for im in images], dtype=bool)
         if self.transform is None:
+            pixels = np.zeros((len(images), self.size, self.size, 3), dtype=np.uint8)
+            for row, im in enumerate(images):
+                if im is not None:
+                    pixels[row] = resized(im, self.size)
             table = table.append_column("pixels", ArrowTensorArray.from_numpy(pixels))
             return table.append_column("has_image", pa.array(has_image))
         batch = BlockAccessor.for_block(table).to_batch_format("numpy")
-        batch["pixels"], batch["has_image"] = pixels, has_image
+        batch["images"], batch["has_image"] = images, has_image
         return self.transform(batch)
 
     def _quarantine(self, table: pa.Table, failures) -> None:

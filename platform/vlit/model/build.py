@@ -1,6 +1,8 @@
-"""Build, export and reload LLaVA-architecture models and their processors.
+"""Build, export and reload models of the families vlit trains (vlit/model/families.py)
+and their processors.
 
-`model.preset: tiny` builds a small LLaVA from config (CLIP vision tower + MLP projector +
+`model.preset: tiny-qwen2.5-vl` / `tiny-qwen3-vl` build tiny Qwen-VL models over the real
+Qwen3 tokenizer (vlit/model/qwen.py). `model.preset: tiny` builds a small LLaVA from config (CLIP vision tower + MLP projector +
 Llama LLM, hidden 128, 2 layers, 32 px images, patch 8) with the offline BPE tokenizer: the
 same code paths as a real LLaVA-1.5, in seconds on a CPU. `model.path` loads real weights
 in Hugging Face format from a folder or an s3:// URI (copied to a local cache first,
@@ -27,6 +29,8 @@ from transformers import (
 
 from vlit import storage
 from vlit.config import Config, ModelConfig
+from vlit.model import qwen
+from vlit.model.families import LLAVA, family_of
 from vlit.model.tokenizer import build_tiny_tokenizer
 
 TINY_IMAGE_SIZE = 32
@@ -54,7 +58,7 @@ def tiny_processor(image_size: int = TINY_IMAGE_SIZE, patch_size: int = TINY_PAT
     )
 
 
-def _tiny_model(cfg: ModelConfig, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+def _tiny_config(cfg: ModelConfig, processor: LlavaProcessor) -> LlavaConfig:
     tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=TINY_HIDDEN, intermediate_size=2 * TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
@@ -72,8 +76,7 @@ def _tiny_model(cfg: ModelConfig, processor: LlavaProcessor) -> LlavaForConditio
         vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy="default",
     )
     config._attn_implementation = cfg.attn_implementation
-    torch.manual_seed(0)  # the same tiny weights in every process: ranks start identical
-    return LlavaForConditionalGeneration(config).to(getattr(torch, cfg.dtype))
+    return config
 
 
 def local_copy(uri: str) -> str:
@@ -102,20 +105,42 @@ def local_copy(uri: str) -> str:
     return dest
 
 
+def load_processor(path: str):
+    """The processor of a checkpoint folder: LLaVA's through the Auto class, Qwen-VL's
+    without its video processor (vlit/model/qwen.py)."""
+    family = family_of(AutoConfig.from_pretrained(path))
+    return AutoProcessor.from_pretrained(path) if family == LLAVA else qwen.load_processor(path, family)
+
+
 def build_processor(cfg: ModelConfig):
     """The processor alone (data workers need it, not the weights)."""
-    return tiny_processor() if cfg.preset == "tiny" else AutoProcessor.from_pretrained(local_copy(cfg.path))
+    if cfg.preset == "tiny":
+        return tiny_processor()
+    if cfg.preset in qwen.TINY:
+        return qwen.tiny_processor(cfg.preset, cfg.tokenizer)
+    return load_processor(local_copy(cfg.path))
+
+
+def model_config(cfg: ModelConfig):
+    """The model's config, without its weights (what rope positions and checks need)."""
+    if cfg.preset == "tiny":
+        return _tiny_config(cfg, tiny_processor())
+    if cfg.preset in qwen.TINY:
+        return qwen.tiny_config(cfg.preset, cfg.tokenizer, cfg.max_len, cfg.attn_implementation)
+    return AutoConfig.from_pretrained(local_copy(cfg.path))
 
 
 def build_model_and_processor(cfg: ModelConfig):
     processor = build_processor(cfg)
-    if cfg.preset == "tiny":
-        return _tiny_model(cfg, processor), processor
+    if cfg.preset is not None:
+        torch.manual_seed(0)  # the same tiny weights in every process: ranks start identical
+        model = (LlavaForConditionalGeneration if cfg.preset == "tiny" else qwen.model_class(cfg.preset))(model_config(cfg))
+        return model.to(getattr(torch, cfg.dtype)), processor
     path = local_copy(cfg.path)
     kwargs = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
-    # LLaVA checkpoints by their own class; other image-text-to-text families (LLaVA-NeXT,
-    # Qwen-VL, ...) through the Auto class that maps their config to a model.
-    if AutoConfig.from_pretrained(path).model_type == "llava":
+    # LLaVA checkpoints by their own class; the Qwen-VL line through the Auto class that
+    # maps their config to a model.
+    if family_of(AutoConfig.from_pretrained(path)) == LLAVA:
         return LlavaForConditionalGeneration.from_pretrained(path, **kwargs), processor
     return AutoModelForImageTextToText.from_pretrained(path, **kwargs), processor
 
@@ -149,6 +174,7 @@ def export_model(model, processor, uri: str, template: str | None = None) -> Non
 
 
 def load_exported(uri: str):
-    """(model, processor) of an export, through transformers' Auto classes only."""
+    """(model, processor) of an export: the model through transformers' Auto class, the
+    processor as `load_processor` loads it."""
     path = local_copy(uri)
-    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    return AutoModelForImageTextToText.from_pretrained(path), load_processor(path)

@@ -33,7 +33,11 @@ def collate(rows: dict, dtype: torch.dtype = torch.float32) -> dict:
     Trims the shared padding to the longest sequence in the batch."""
     segment_ids = np.asarray(rows["segment_ids"])
     length = int((segment_ids > 0).sum(axis=1).max())
-    take = {k: torch.tensor(np.asarray(rows[k])[:, :length]) for k in ("input_ids", "labels", "position_ids", "segment_ids")}
+    take = {k: torch.tensor(np.asarray(rows[k])[:, :length]) for k in ("input_ids", "labels", "segment_ids")}
+    positions = np.asarray(rows["position_ids"])
+    # [B, L] for LLaVA; Qwen-VL's mRoPE rows [B, 3, L] as the model takes them, [3, B, L].
+    take["position_ids"] = torch.tensor(positions[..., :length] if positions.ndim == 2 else
+                                        positions[..., :length].transpose(1, 0, 2))
 
     tasks = sorted({t for seg in rows["segment_tasks"] for t in seg})
     index = {t: i for i, t in enumerate(tasks)}
@@ -42,10 +46,14 @@ def collate(rows: dict, dtype: torch.dtype = torch.float32) -> dict:
     token_task = np.stack([lk[s] for lk, s in zip(lookup, segment_ids[:, :length])])
 
     images = [np.asarray(p, dtype=np.float32) for p, n in zip(rows["pixel_values"], rows["num_images"]) if n > 0]
-    return {
+    out = {
         **take,
         "attention_mask": block_causal_mask(take["segment_ids"], dtype),
         "pixel_values": torch.as_tensor(np.concatenate(images)).to(dtype) if images else None,
         "token_task": torch.as_tensor(token_task),
         "tasks": tasks,
     }
+    if "image_grid_thw" in rows:  # Qwen-VL: each image's patch grid, in the pixels' order
+        grids = [np.asarray(g, np.int64).reshape(-1, 3) for g, n in zip(rows["image_grid_thw"], rows["num_images"]) if n]
+        out["image_grid_thw"] = torch.as_tensor(np.concatenate(grids)) if grids else None
+    return out

@@ -8,7 +8,9 @@ once, and labels each token from what its characters are (`templates.Piece` kind
   image and the task's template sentences (`corpus/template_text.py`).
 
 Whitespace takes the supervision of the text that follows it, because BPE and
-SentencePiece tokenizers both glue a leading space to the next word. A token whose
+SentencePiece tokenizers both glue a leading space to the next word; a run of whitespace
+that ends a piece with a newline keeps its piece's own (ChatML's "assistant\\n" before a
+reply is the template's, and tokenizers keep newlines apart from the next word). A token whose
 characters disagree (one token spanning a role tag and a response) means the pieces do
 not tokenize on their own as they do together; so does a conversation whose per-turn
 tokenization differs from its whole-text tokenization (LLaVA masks such rows entirely
@@ -41,7 +43,8 @@ import torch
 from vlit.config import LossConfig, ModelConfig
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.corpus.template_text import sentence_spans
-from vlit.model.templates import INSTRUCTION, RESPONSE, EncodeError, render
+from vlit.model.families import image_token, num_image_tokens
+from vlit.model.templates import CHAT, INSTRUCTION, RESPONSE, EncodeError, render, resolve
 
 IGNORE = -100  # the label transformers' losses skip
 TEMPLATE = "template"  # instruction sentences that are task-template text
@@ -53,12 +56,6 @@ class Encoded:
     labels: np.ndarray  # int64 [n], IGNORE where not supervised
     has_image: bool
     task: str
-
-
-def num_image_tokens(processor) -> int:
-    """Tokens one image takes in the LLM's sequence (LLaVA-1.5 at 336 px: 576)."""
-    crop = processor.image_processor.crop_size
-    return processor._get_num_multimodal_tokens(image_sizes=[(crop["height"], crop["width"])]).num_image_tokens[0]
 
 
 def _turns(row: dict) -> list[tuple[str, str]]:
@@ -97,28 +94,33 @@ def _char_supervision(pieces, target: str, templates: set[str]) -> np.ndarray:
         masks.append(mask)
     mask = np.concatenate(masks) if masks else np.zeros(0, bool)
     # Whitespace takes the value of the next non-whitespace character (see module doc);
-    # trailing whitespace (plain's "\n") keeps its own.
+    # trailing whitespace (plain's "\n") keeps its own, and so does a run that ends its
+    # piece with a newline.
     text = "".join(p.text for p in pieces)
-    following = None
+    ends = set(np.cumsum([len(p.text) for p in pieces]).tolist())
+    following, run_end = None, None
     for i in range(len(text) - 1, -1, -1):
-        if text[i].isspace():
-            mask[i] = mask[i] if following is None else following
-        else:
-            following = mask[i]
+        if not text[i].isspace():
+            following, run_end = mask[i], None
+            continue
+        if run_end is None:
+            run_end = i + 1
+        own = run_end in ends and "\n" in text[i:run_end]
+        mask[i] = mask[i] if following is None or own else following
     return mask
 
 
-def _tokenize(tokenizer, text: str) -> tuple[list[int], np.ndarray]:
+def _tokenize(tokenizer, text: str, placeholder: str = IMAGE_TOKEN) -> tuple[list[int], np.ndarray]:
     """Token ids and character offsets [n, 2] of `text`, each stretch between image
     placeholders tokenized on its own and each placeholder one token (see module doc)."""
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
     at = 0
-    for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
+    for k, chunk in enumerate(text.split(placeholder)):
         if k:
-            ids.append(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-            offsets.append((at, at + len(IMAGE_TOKEN)))
-            at += len(IMAGE_TOKEN)
+            ids.append(tokenizer.convert_tokens_to_ids(placeholder))
+            offsets.append((at, at + len(placeholder)))
+            at += len(placeholder)
         if chunk:
             enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
             ids += enc["input_ids"]
@@ -144,7 +146,7 @@ def _turn_starts(pieces) -> list[int]:
     return [starts[turn] for turn in sorted(starts)]
 
 
-def _check_per_turn(tokenizer, pieces, ids: list[int], offsets: np.ndarray) -> None:
+def _check_per_turn(tokenizer, pieces, ids: list[int], offsets: np.ndarray, placeholder: str) -> None:
     """Raise `tokenization_mismatch` unless the turns, each tokenized in its context (see
     module doc), give the whole-text tokens `ids` (character `offsets` [n, 2])."""
     what = "per-turn vs whole-conversation tokenization"
@@ -162,7 +164,7 @@ def _check_per_turn(tokenizer, pieces, ids: list[int], offsets: np.ndarray) -> N
                                   f"the boundary of turns {turn - 1} and {turn} (char {lo})")
             if before.size:
                 context = text[offsets[before[-1], 0]:lo]
-        own_ids, own = _tokenize(tokenizer, context + text[lo:hi])
+        own_ids, own = _tokenize(tokenizer, context + text[lo:hi], placeholder)
         n = len(context)
         across = np.flatnonzero((own[:, 0] < n) & (own[:, 1] > n))
         if across.size:
@@ -176,19 +178,25 @@ def _check_per_turn(tokenizer, pieces, ids: list[int], offsets: np.ndarray) -> N
 
 
 def encode_row(row: dict, processor, model_cfg: ModelConfig, loss_cfg: LossConfig,
-               template_text: dict[str, set[str]] | None) -> Encoded:
+               template_text: dict[str, set[str]] | None, image_tokens: list[int] | None = None) -> Encoded:
     """A canonical row (turns, task, image or has_image) -> ids and labels; raises
-    `EncodeError(reason, detail)` for rows to quarantine."""
+    `EncodeError(reason, detail)` for rows to quarantine. `image_tokens`: the token count
+    of each of the row's images (`families.pixels`); default LLaVA's fixed count."""
     tokenizer = processor.tokenizer
     turns, has_image = _turns(row), _has_image(row)
     _check_image_tokens(turns, has_image)
-    pieces = render(turns, model_cfg.template, tokenizer.eos_token)
+    template = resolve(model_cfg.template, processor)
+    placeholder = image_token(processor)
+    if template != CHAT and placeholder != IMAGE_TOKEN:
+        raise EncodeError("template_image_token", f"the {template} template writes {IMAGE_TOKEN} for an image, and "
+                          f"this processor's image token is {placeholder}: use model.template chat_template")
+    pieces = render(turns, template, tokenizer.eos_token, processor)
     text = "".join(p.text for p in pieces)
     templates = (template_text or {}).get(row["task"], set()) if loss_cfg.target == "l2t" else set()
     supervised = _char_supervision(pieces, loss_cfg.target, templates)
 
-    ids, offsets = _tokenize(tokenizer, text)
-    _check_per_turn(tokenizer, pieces, ids, offsets)
+    ids, offsets = _tokenize(tokenizer, text, placeholder)
+    _check_per_turn(tokenizer, pieces, ids, offsets, placeholder)
 
     # Supervised characters per token; a token is a target when all of its characters are.
     counts = np.concatenate([[0], np.cumsum(supervised)])
@@ -206,8 +214,13 @@ def encode_row(row: dict, processor, model_cfg: ModelConfig, loss_cfg: LossConfi
         ids, labels = np.concatenate([[tokenizer.bos_token_id], ids]), np.concatenate([[IGNORE], labels])
     image_at = np.flatnonzero(ids == processor.image_token_id)
     if image_at.size:  # the processor's expansion: one placeholder -> N image tokens, never targets
-        repeats = np.where(ids == processor.image_token_id, num_image_tokens(processor), 1)
-        ids, labels = np.repeat(ids, repeats), np.repeat(np.where(repeats > 1, IGNORE, labels), repeats)
+        counts = image_tokens if image_tokens is not None else [num_image_tokens(processor)] * image_at.size
+        if len(counts) != image_at.size:
+            raise ValueError(f"{image_at.size} image placeholders in the row and token counts for {len(counts)} images")
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[image_at] = counts
+        labels = np.where(ids == processor.image_token_id, IGNORE, labels)
+        ids, labels = np.repeat(ids, repeats), np.repeat(labels, repeats)
     if len(ids) > model_cfg.max_len:
         raise EncodeError("too_long", f"{len(ids)} tokens (images expanded) > model.max_len {model_cfg.max_len}")
     if not (labels != IGNORE).any():

@@ -5,13 +5,18 @@ stream's actor pool on each decoded block, so tokenization, image preprocessing 
 packing happen off the training workers. Each output row is one training sequence of
 fixed length `model.max_len` (Ray Data stacks fixed shapes into tensors cheaply):
 
-    input_ids, labels, position_ids, segment_ids   int64[max_len]
-        segment_ids: 1..k for the k rows packed in the sequence, 0 for padding;
-        position_ids restart at 0 for every row (the rotary positions of the row alone)
-    pixel_values    float32[n_images, 3, H, W]  processor-ready, in segment order
-                    (a ragged tensor column: n_images varies, 0 for text-only sequences)
+    input_ids, labels, segment_ids   int64[max_len]
+        segment_ids: 1..k for the k rows packed in the sequence, 0 for padding
+    position_ids    int64[max_len] (LLaVA) or int64[3, max_len] (Qwen-VL's mRoPE): each
+                    row's own rope positions, as if it were alone (families.RopeIndex)
+    pixel_values    float32, processor-ready, in segment order: LLaVA [n_images, 3, H, W],
+                    Qwen-VL [patches, C*T*P*P] (a ragged tensor column; none for text-only)
+    image_grid_thw  int64[n_images, 3] (Qwen-VL: each image's patch grid)
     num_images      int64
     segment_tasks, segment_keys   list<string>: task and row key of each segment
+
+Images come decoded as they are (`images`) and go through the family's own
+preprocessing (`families.pixels`), which also says how many tokens each takes.
 
 Grouping: image rows and text-only rows never share a sequence or (within a block) a
 micro-batch, so text-only batches skip the vision tower; micro-batches hold sequences
@@ -26,7 +31,8 @@ import numpy as np
 
 from vlit.config import LossConfig, ModelConfig, TrainConfig
 from vlit.corpus.stream import write_quarantine
-from vlit.model.build import build_processor
+from vlit.model.build import build_processor, model_config
+from vlit.model.families import Pixels, RopeIndex, pixel_shape, pixels
 from vlit.model.labels import IGNORE, Encoded, encode_row
 from vlit.model.templates import EncodeError
 
@@ -58,13 +64,16 @@ def modality_length_batches(lengths: np.ndarray, has_image: np.ndarray, batch_si
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def assemble(encoded: list[Encoded], keys: list[str], pixel_values: list[np.ndarray | None],
-             groups: list[list[int]], max_len: int, image_shape: tuple[int, ...]) -> dict:
-    """One fixed-shape output row per group of encoded rows (see the module doc)."""
-    n = len(groups)
-    out = {name: np.zeros((n, max_len), np.int64) for name in ("input_ids", "position_ids", "segment_ids")}
+def assemble(encoded: list[Encoded], keys: list[str], images: list[Pixels | None], positions: list[np.ndarray],
+             groups: list[list[int]], max_len: int, pixel_shape: tuple[int, ...]) -> dict:
+    """One fixed-shape output row per group of encoded rows (see the module doc);
+    `images[i]` is row i's processed image (None for text-only rows), `positions[i]` its
+    rope positions [rows, n]; `pixel_shape` one image's (or patch's) pixels."""
+    n, rope_rows = len(groups), positions[0].shape[0] if positions else 1
+    out = {name: np.zeros((n, max_len), np.int64) for name in ("input_ids", "segment_ids")}
     out["labels"] = np.full((n, max_len), IGNORE, np.int64)
-    images, tasks, seg_keys = [], [], []
+    out["position_ids"] = np.zeros((n, rope_rows, max_len), np.int64)
+    pixel_values, grids, counts, tasks, seg_keys = [], [], [], [], []
     for s, group in enumerate(groups):
         at = 0
         for seg, i in enumerate(group, start=1):
@@ -74,15 +83,22 @@ def assemble(encoded: list[Encoded], keys: list[str], pixel_values: list[np.ndar
             # The model's loss shifts labels by one: the first token of a segment is never a
             # target, so the previous row's last token is not trained to predict this row.
             out["labels"][s, at] = IGNORE
-            out["position_ids"][s, at:end] = np.arange(end - at)
+            out["position_ids"][s, :, at:end] = positions[i]
             out["segment_ids"][s, at:end] = seg
             at = end
-        pixels = [pixel_values[i] for i in group if pixel_values[i] is not None]
-        images.append(np.stack(pixels) if pixels else np.zeros((0, *image_shape), np.float32))
+        mine = [images[i] for i in group if images[i] is not None]
+        values = [v for p in mine for v in p.values]
+        pixel_values.append(np.concatenate(values) if rope_rows > 1 else np.stack(values) if values else None)
+        grids.append(np.array([g for p in mine for g in (p.grids or [])], np.int64).reshape(-1, 3))
+        counts.append(sum(len(p.values) for p in mine))
         tasks.append([encoded[i].task for i in group])
         seg_keys.append([keys[i] for i in group])
-    out["num_images"] = np.array([len(x) for x in images], np.int64)
-    out["pixel_values"] = _ragged(images)
+    if rope_rows == 1:
+        out["position_ids"] = out["position_ids"][:, 0]
+    else:
+        out["image_grid_thw"] = _ragged(grids)
+    out["num_images"] = np.array(counts, np.int64)
+    out["pixel_values"] = _ragged([np.zeros((0, *pixel_shape), np.float32) if v is None else v for v in pixel_values])
     out["segment_tasks"], out["segment_keys"] = _ragged(tasks), _ragged(seg_keys)
     return out
 
@@ -104,35 +120,33 @@ class SFTTransform:
         self.model_cfg, self.loss_cfg, self.train_cfg = model_cfg, loss_cfg, train_cfg
         self.template_text, self.quarantine, self.epoch = template_text, quarantine, epoch
         self.processor = build_processor(model_cfg)
-        crop = self.processor.image_processor.crop_size
-        self.image_shape = (3, crop["height"], crop["width"])
+        self.rope = RopeIndex(model_config(model_cfg))
 
     def __call__(self, batch: dict) -> dict:
-        encoded, keep, failed, failures = [], [], [], []
-        for i in range(len(batch["key"])):
+        n = len(batch["key"])
+        images, failures = processed_images(self.processor, batch["images"])
+        encoded, keep, rows_images = [], [], []
+        for i in range(n):
+            if i in failures:
+                continue
             row = {"turns": batch["turns"][i], "task": batch["task"][i], "has_image": batch["has_image"][i]}
             try:
-                encoded.append(encode_row(row, self.processor, self.model_cfg, self.loss_cfg, self.template_text))
+                encoded.append(encode_row(row, self.processor, self.model_cfg, self.loss_cfg, self.template_text,
+                                          images[i].tokens if images[i] is not None else None))
                 keep.append(i)
+                rows_images.append(images[i])
             except EncodeError as e:
-                failed.append(i)
-                failures.append((e.reason, e.detail))
+                failures[i] = (e.reason, e.detail)
         if failures:
-            columns = [c for c in batch if c not in ("pixels", "has_image")]
-            rows = [{c: batch[c][i] for c in columns} for i in failed]
-            write_quarantine(self.quarantine, self.epoch, rows, failures)
-
+            columns = [c for c in batch if c not in ("images", "has_image")]
+            order = sorted(failures)
+            write_quarantine(self.quarantine, self.epoch, [{c: batch[c][i] for c in columns} for i in order],
+                             [failures[i] for i in order])
+        positions = [self.rope(e.input_ids, p.grids if p is not None else []) for e, p in zip(encoded, rows_images)]
         has_image = np.array([e.has_image for e in encoded], dtype=bool)
-        pixel_values: list[np.ndarray | None] = [None] * len(encoded)
-        with_image = np.flatnonzero(has_image)
-        if with_image.size:
-            images = [batch["pixels"][keep[j]] for j in with_image]
-            processed = self.processor.image_processor(images=images, return_tensors="np")["pixel_values"]
-            for j, pixels in zip(with_image, processed):
-                pixel_values[j] = pixels.astype(np.float32)
         keys = [str(batch["key"][i]) for i in keep]
-        return assemble(encoded, keys, pixel_values, self.sequences(encoded, has_image, keys),
-                        self.model_cfg.max_len, self.image_shape)
+        return assemble(encoded, keys, rows_images, positions, self.sequences(encoded, has_image, keys),
+                        self.model_cfg.max_len, pixel_shape(self.processor))
 
     def sequences(self, encoded: list[Encoded], has_image: np.ndarray, keys: list[str]) -> list[list[int]]:
         """Groups of encoded rows, one per output sequence, in output order."""
@@ -154,3 +168,23 @@ class SFTTransform:
                 pack_image.append(bool(modality))
         order = modality_length_batches(np.array(pack_len), np.array(pack_image), cfg.micro_batch_size, rng)
         return [packs[i] for b in order for i in b]
+
+
+def processed_images(processor, images: list) -> tuple[list[Pixels | None], dict[int, tuple[str, str]]]:
+    """Each row's image through the family's preprocessing (one call for the block), and
+    {row: (reason, detail)} for images the processor refuses (tried alone, so a bad image
+    takes only its own row with it)."""
+    out: list[Pixels | None] = [None] * len(images)
+    rows = [i for i, im in enumerate(images) if im is not None]
+    failures: dict[int, tuple[str, str]] = {}
+    try:
+        done = pixels(processor, [images[i] for i in rows])
+        for k, i in enumerate(rows):
+            out[i] = Pixels([done.values[k]], None if done.grids is None else [done.grids[k]], [done.tokens[k]])
+    except Exception:  # noqa: BLE001 - found again below, image by image
+        for i in rows:
+            try:
+                out[i] = pixels(processor, [images[i]])
+            except Exception as e:  # noqa: BLE001 - the processor's refusal is the row's reason
+                failures[i] = ("image_unprocessable", f"{type(e).__name__}: {e}")
+    return out, failures

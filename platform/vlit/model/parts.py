@@ -14,20 +14,32 @@ import torch
 from torch import nn
 
 from vlit.config import Config, TrainConfig
+from vlit.model.families import LLAVA, QWEN2_5_VL, QWEN3_VL, family_of
 
-# `train.trainable` parts as parameter-name prefixes of LlavaForConditionalGeneration.
+# `train.trainable` parts as parameter-name prefixes, per family. Qwen-VL's projector (the
+# patch merger, and Qwen3-VL's deepstack mergers) sits inside its vision module: a name
+# takes the first part whose prefix it has, projector first.
 PARTS = {
-    "vision": ("model.vision_tower.",),
-    "projector": ("model.multi_modal_projector.",),
-    "llm": ("model.language_model.", "lm_head."),
+    LLAVA: {"projector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",),
+            "llm": ("model.language_model.", "lm_head.")},
+    QWEN2_5_VL: {"projector": ("model.visual.merger.",), "vision": ("model.visual.",),
+                 "llm": ("model.language_model.", "lm_head.")},
+    QWEN3_VL: {"projector": ("model.visual.merger.", "model.visual.deepstack_merger_list."),
+               "vision": ("model.visual.",), "llm": ("model.language_model.", "lm_head.")},
 }
 PEFT_PREFIX = "base_model.model."
+
+
+def part_of(name: str, family: str) -> str | None:
+    name = name.removeprefix(PEFT_PREFIX)
+    return next((part for part, prefixes in PARTS[family].items() if name.startswith(prefixes)), None)
 
 
 def select_trainable(model: nn.Module, train: TrainConfig) -> nn.Module:
     """Freeze everything outside `train.trainable`; with `train.lora.enabled`, the vision
     tower and LLM get LoRA adapters instead of full updates (the projector, being small,
     stays fully trainable, as in LLaVA's LoRA recipe)."""
+    family = family_of(model)
     parts = set(train.trainable)
     full = parts
     if train.lora.enabled:
@@ -36,7 +48,7 @@ def select_trainable(model: nn.Module, train: TrainConfig) -> nn.Module:
         adapted = sorted(parts - {"projector"})
         if not adapted:
             raise ValueError("train.lora.enabled needs 'llm' or 'vision' in train.trainable (LoRA adapts those)")
-        prefixes = "|".join(re.escape(p[:-1]) for part in adapted for p in PARTS[part])
+        prefixes = "|".join(re.escape(p[:-1]) for part in adapted for p in PARTS[family][part])
         targets = "|".join(re.escape(m) for m in train.lora.target_modules)
         lora = train.lora
         model = get_peft_model(model, LoraConfig(
@@ -44,14 +56,13 @@ def select_trainable(model: nn.Module, train: TrainConfig) -> nn.Module:
             target_modules=rf"(?:{prefixes})\..*\.(?:{targets})",
         ))
         full = parts & {"projector"}
-    prefixes = tuple(p for part in full for p in PARTS[part])
     for name, param in model.named_parameters():
         if "lora_" in name:
             continue  # peft marked its adapters trainable
-        param.requires_grad = name.removeprefix(PEFT_PREFIX).startswith(prefixes)
+        param.requires_grad = part_of(name, family) in full
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"train.trainable={train.trainable}: no parameter of {type(model).__name__} "
-                         f"matches {sorted(parts)} (expected LLaVA parameter names {PARTS})")
+                         f"matches {sorted(parts)} (expected parameter names {PARTS[family]})")
     return model
 
 
@@ -61,44 +72,73 @@ class EveryRankVision(nn.Module):
     ZeRO-3 gathers each module's parameters with a collective when the module runs, and
     checks that all ranks run their modules in the same order. A rank whose batch has no
     image would skip the vision tower while the others gather it, and every rank would
-    wait forever. So both kinds of batch take one path: embed the tokens, run the vision
-    tower and projector (on one black image when the batch has none), put the image
-    features at the image tokens (or add 0 x them: no change to the loss, and zero
-    gradients, so gradient reduction also sees the same parameters on every rank), then
-    run the LLM on the embeddings.
+    wait forever. So both kinds of batch take one path: run the vision tower and projector
+    (on one blank image when the batch has none), put the image features at the image
+    tokens (or add 0 x them: no change to the loss, and zero gradients, so gradient
+    reduction also sees the same parameters on every rank), then run the LLM.
+
+    LLaVA: the features are scattered into the token embeddings here. Qwen-VL: the model's
+    own forward takes them as `mm_encoder_outputs` (Qwen3-VL's deepstack features too),
+    with the 3-D rope positions the batch carries.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.config = config = model.config
+        self.family = family_of(config)
         self.image_token_id = config.image_token_id
-        self.feature_layer = config.vision_feature_layer
-        self.select_strategy = config.vision_feature_select_strategy
-        size = config.vision_config.image_size
-        self.register_buffer("blank_image", torch.zeros(1, 3, size, size), persistent=False)
+        if self.family == LLAVA:
+            self.feature_layer = config.vision_feature_layer
+            self.select_strategy = config.vision_feature_select_strategy
+            size = config.vision_config.image_size
+            blank, self.blank_grid = torch.zeros(1, 3, size, size), None
+        else:  # one image of 2 x 2 patches: the smallest grid the merger takes
+            vision = config.vision_config
+            merge = vision.spatial_merge_size
+            blank = torch.zeros(merge * merge, vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2)
+            self.blank_grid = torch.tensor([[1, merge, merge]])
+        self.register_buffer("blank_image", blank, persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, repeat_images: int = 1):
+    def _features(self, pixel_values, image_grid_thw):
+        pixel_values = pixel_values.to(self.blank_image.dtype)
+        if self.family == LLAVA:
+            return self.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=self.feature_layer,
+                                                 vision_feature_select_strategy=self.select_strategy)
+        return self.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw.to(
+            self.blank_image.device), return_dict=True)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, image_grid_thw=None,
+                repeat_images: int = 1):
         """`repeat_images=k`: the batch is k groups of sequences that hold the same images in
         the same order (DPO: the chosen responses, then the rejected ones); each image is
         encoded once and its features fill its place in all k groups."""
         has_images = pixel_values is not None and len(pixel_values) > 0
-        embeds = self.model.get_input_embeddings()(input_ids)
-        features = torch.cat(self.model.get_image_features(
-            pixel_values=pixel_values.to(self.blank_image.dtype) if has_images else self.blank_image,
-            vision_feature_layer=self.feature_layer, vision_feature_select_strategy=self.select_strategy,
-        ).pooler_output)
-        if has_images and repeat_images > 1:
-            features = features.repeat(repeat_images, 1)
         if has_images:
-            at_images = input_ids == self.image_token_id
-            if int(at_images.sum()) != features.shape[0]:
-                raise ValueError(f"{int(at_images.sum())} image tokens in the batch but {features.shape[0]} "
-                                 f"image feature vectors ({len(pixel_values)} images)")
-            embeds = embeds.masked_scatter(at_images.unsqueeze(-1).expand_as(embeds), features.to(embeds.dtype))
+            out = self._features(pixel_values, image_grid_thw)
         else:
-            embeds = embeds + 0.0 * features.sum()
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+            out = self._features(self.blank_image, self.blank_grid)
+        features = list(out.pooler_output) * (repeat_images if has_images else 1)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if not has_images:
+            zero = 0.0 * sum(f.sum() for f in features)
+            for layer in getattr(out, "deepstack_features", None) or []:
+                zero = zero + 0.0 * sum(f.sum() for f in layer)
+            return self.model(inputs_embeds=embeds + zero, attention_mask=attention_mask,
+                              position_ids=position_ids).logits
+        at_images = input_ids == self.image_token_id
+        count = sum(int(f.shape[0]) for f in features)
+        if int(at_images.sum()) != count:
+            raise ValueError(f"{int(at_images.sum())} image tokens in the batch but {count} image feature vectors "
+                             f"({len(out.pooler_output)} images)")
+        if self.family == LLAVA:
+            embeds = embeds.masked_scatter(at_images.unsqueeze(-1).expand_as(embeds), torch.cat(features).to(embeds.dtype))
+            return self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+        out.pooler_output = features
+        if getattr(out, "deepstack_features", None):
+            out.deepstack_features = [list(layer) * repeat_images for layer in out.deepstack_features]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          mm_encoder_outputs={"image": out}).logits
 
 
 def trainable_model(model: nn.Module, train: TrainConfig) -> EveryRankVision:
@@ -116,9 +156,10 @@ def export_trained(cfg: Config, state_dict: dict, uri: str) -> None:
     (of its `trainable_model`, as a checkpoint holds it) loaded, LoRA merged in, saved with
     its processor to `uri`."""
     from vlit.model.build import export_model, initial_model
+    from vlit.model.templates import resolve
 
     model, processor = initial_model(cfg)
     wrapped = EveryRankVision(select_trainable(model.float(), cfg.train))
     wrapped.load_state_dict(state_dict)
     model = wrapped.model.merge_and_unload() if cfg.train.lora.enabled else wrapped.model
-    export_model(model.to(getattr(torch, cfg.model.dtype)), processor, uri, cfg.model.template)
+    export_model(model.to(getattr(torch, cfg.model.dtype)), processor, uri, resolve(cfg.model.template, processor))

@@ -10,6 +10,12 @@ follow from the rendering instead of being re-derived from token counts.
   labels, and the tokens) to LLaVA's own preprocessing on the real sample rows.
 - `plain` (LLaVA pretraining, projector alignment): "<image>{caption}\\n"; the
   instruction is dropped and the caption supervised.
+- `chat_template`: the checkpoint's own chat template (`apply_chat_template`), images in
+  the positions the row gives them. Its pieces come from rendering the conversation one
+  message more at a time: what each message adds is its content (found verbatim) and the
+  template's text around it; an assistant turn's end token(s) belong to the response.
+  `model.template: null` (the default) takes the checkpoint's chat template when it has
+  one (vicuna_v1 when it is vlit's own, else `chat_template`), and vicuna_v1 otherwise.
 """
 from __future__ import annotations
 
@@ -79,6 +85,75 @@ def render_plain(turns: list[tuple[str, str]], eos: str) -> list[Piece]:
 
 
 TEMPLATES = {"vicuna_v1": render_vicuna_v1, "plain": render_plain}
+CHAT = "chat_template"
+
+
+def _messages(turns: list[tuple[str, str]]) -> list[dict]:
+    """Chat messages with content parts; an image part where the row has its placeholder."""
+    out = []
+    for role, content in turns:
+        parts = []
+        for k, text in enumerate(content.split(IMAGE_TOKEN)):
+            if k:
+                parts.append({"type": "image"})
+            if text:
+                parts.append({"type": "text", "text": text})
+        out.append({"role": role, "content": parts})
+    return out
+
+
+def chat_template(processor) -> str | None:
+    return getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+
+
+def resolve(template: str | None, processor) -> str:
+    """The template a model renders with: `model.template`, or (None) the checkpoint's
+    chat template when it has one and vicuna_v1 when it has none."""
+    if template is not None:
+        if template == CHAT and chat_template(processor) is None:
+            raise EncodeError("no_chat_template", "model.template is chat_template and the checkpoint has none")
+        return template
+    own = chat_template(processor)
+    if own is None:
+        return "vicuna_v1"
+    return next((name for name, jinja in CHAT_TEMPLATES.items() if jinja == own), CHAT)
+
+
+def _end_tokens(rest: str, tokenizer) -> str:
+    """The special tokens `rest` starts with (an assistant turn's end: "</s>", "<|im_end|>")."""
+    specials = sorted({*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}, key=len, reverse=True)
+    end = ""
+    while True:
+        tok = next((t for t in specials if t and rest.startswith(t, len(end))), None)
+        if tok is None:
+            return end
+        end += tok
+
+
+def render_chat(turns: list[tuple[str, str]], processor) -> list[Piece]:
+    """The pieces of a conversation under the checkpoint's chat template (module doc)."""
+    _check_turns(turns)
+    messages, pieces, done = _messages(turns), [], ""
+    for i, (role, content) in enumerate(turns):
+        full = processor.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not full.startswith(done):
+            raise EncodeError("chat_template_not_incremental",
+                              f"rendering message {i} changes the text of the messages before it")
+        delta, at = full[len(done):], 0
+        for text in [p["text"] for p in messages[i]["content"] if p["type"] == "text"]:
+            found = delta.find(text, at)
+            if found < 0:
+                raise EncodeError("chat_template_rewrites_content",
+                                  f"message {i}'s text {text[:40]!r} is not in what the template renders for it")
+            if found > at:
+                pieces.append(Piece(delta[at:found], ROLE, i))
+            pieces.append(Piece(text, INSTRUCTION if role == "user" else RESPONSE, i))
+            at = found + len(text)
+        rest = delta[at:]
+        end = _end_tokens(rest, processor.tokenizer) if role == "assistant" else ""
+        pieces += [Piece(t, k, i) for t, k in ((end, RESPONSE), (rest[len(end):], ROLE)) if t]
+        done = full
+    return pieces
 
 # The same conversation format as a Hugging Face chat template, saved with exports so
 # other tools (vLLM through Ray Serve LLM, `apply_chat_template`) format prompts exactly as
@@ -106,6 +181,9 @@ CHAT_TEMPLATES = {
 }
 
 
-def render(turns: list[tuple[str, str]], template: str, eos: str) -> list[Piece]:
-    """The pieces of a conversation of (role, content) turns under `template`."""
+def render(turns: list[tuple[str, str]], template: str, eos: str, processor=None) -> list[Piece]:
+    """The pieces of a conversation of (role, content) turns under `template` (a name
+    `resolve` gives; `chat_template` needs the processor)."""
+    if template == CHAT:
+        return render_chat(turns, processor)
     return TEMPLATES[template](turns, eos)

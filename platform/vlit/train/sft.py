@@ -51,7 +51,8 @@ class SFTStep(Step):
 
     def loss(self, engine, batch):
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], pixel_values=batch["pixel_values"])
+                        position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
+                        image_grid_thw=batch.get("image_grid_thw"))
         loss, task_sum, task_count = token_losses(logits, batch, self.task_index)
         supervised = task_count.sum()
         tokens = torch.tensor(float(batch["segment_ids"].numel()), device=loss.device)
