@@ -7,6 +7,7 @@ import torch
 from vlit.config import ModelConfig
 from vlit.evaluate.predict import ChoiceScorer, PredictError, predict_local, predict_ray
 from vlit.evaluate.sets import EvalSpec, build_eval_set
+from vlit.model import families
 from vlit.model.build import build_model_and_processor, export_model
 
 SPEC = EvalSpec(seed=0, first_image=2_000_000, images=3, image_size=32, intro=False)
@@ -20,10 +21,11 @@ def tiny():
 
 
 def _pixels(scorer, es, rows):
+    """The rows' images, decoded (what the scorer takes)."""
     from vlit import storage
-    from vlit.corpus.stream import load_pixels
+    from vlit.corpus.images import decode_image
 
-    return [load_pixels(storage.read_bytes(es.image_uri(r["image"])), scorer.image_size) for r in rows]
+    return [decode_image(storage.read_bytes(es.image_uri(r["image"]))) for r in rows]
 
 
 @torch.inference_mode()
@@ -33,7 +35,7 @@ def _plain_scores(scorer, rows, pixels):
     for row, pix in zip(rows, pixels):
         forms = [f for choice in row["choices"] for f in choice]
         prompt, conts = scorer._encode(row["key"], row["prompt"], forms)
-        pv = scorer.processor.image_processor(images=[pix], return_tensors="pt")["pixel_values"]
+        pv = torch.as_tensor(families.pixels(scorer.processor, [pix]).values[0])[None]
         form_logp = []
         for cont in conts:
             ids = torch.as_tensor(np.concatenate([prompt, cont]))[None]

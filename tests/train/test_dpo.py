@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from vlit import storage
 from vlit.config import Config, TrainConfig
-from vlit.corpus.stream import load_pixels
+from vlit.corpus.images import decode_image
 from vlit.world import synth_corpus
 from vlit.model.build import build_model_and_processor, load_exported
 from vlit.model.pairs import PairTransform, collate_pairs
@@ -135,7 +135,7 @@ def _first_pairs(cfg: Config, version: PairsVersion, n: int) -> dict:
     rows = version.read_table().slice(0, n).to_pylist()
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("pair_id", "prompt", "chosen", "rejected")}
     batch["has_image"] = np.ones(n, bool)
-    batch["pixels"] = np.stack([load_pixels(storage.read_bytes(r["image"]), IMAGE_SIZE) for r in rows])
+    batch["images"] = [decode_image(storage.read_bytes(r["image"])) for r in rows]
     return collate_pairs(PairTransform(cfg.model, quarantine="unused")(batch))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from vlit.config import ModelConfig
 from vlit.model.build import build_model_and_processor
@@ -106,8 +107,9 @@ def encoded_pairs(tmp_path_factory):
         "rejected": np.array(["It is blue, I think.", "two", "goodbye now", "word " * 200], dtype=object),
         "source": np.array(["f.jsonl"] * 4, dtype=object), "position": np.arange(4),
         "has_image": np.array([True, True, False, True]),
-        "pixels": rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),
     }
+    pixels = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    batch["images"] = [Image.fromarray(p) if has else None for p, has in zip(pixels, batch["has_image"])]
     transform = PairTransform(cfg, quarantine=str(tmp / "quarantine"))
     return transform, transform(batch), tmp
 

@@ -26,7 +26,8 @@ import torch
 
 from vlit import storage
 from vlit.config import LossConfig, ModelConfig
-from vlit.corpus.stream import load_pixels
+from vlit.corpus.images import decode_image
+from vlit.model.families import RopeIndex, pixels
 from vlit.model.labels import IGNORE, encode_row
 
 
@@ -40,8 +41,7 @@ class ChoiceScorer:
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        crop = processor.image_processor.crop_size
-        self.image_size = crop["height"]
+        self.rope = RopeIndex(model.config)
         self._forms: dict[str, np.ndarray] = {}  # form -> its tokens after the prompt
 
     @classmethod
@@ -55,19 +55,21 @@ class ChoiceScorer:
         model, processor = build_model_and_processor(model_cfg)
         return cls(model, processor, model_cfg, batch_size)
 
-    def _encode(self, key: str, prompt: str, forms: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(prompt ids, each form's ids). A form's tokens are the same after any prompt
-        that ends with the template's role tag, so each distinct form is encoded once."""
+    def _encode(self, key: str, prompt: str, forms: list[str], tokens: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(prompt ids, each form's ids); the image takes `tokens` tokens. A form's tokens are
+        the same after any prompt that ends with the template's role tag, so each distinct
+        form is encoded once."""
         def encode(form: str):
             row = {"turns": [{"role": "user", "content": prompt}, {"role": "assistant", "content": form}],
                    "task": "eval", "has_image": True}
             try:
-                enc = encode_row(row, self.processor, self.model_cfg, LossConfig(), None)
+                enc = encode_row(row, self.processor, self.model_cfg, LossConfig(), None,
+                                 None if tokens is None else [tokens])
             except ValueError as e:
                 raise PredictError(f"eval row {key}: {e}") from None
             supervised = np.flatnonzero(enc.labels != IGNORE)
             reply = enc.input_ids[supervised[0]:supervised[-1] + 1]
-            if reply[-1] == self.processor.tokenizer.eos_token_id:
+            if reply[-1] in self._ends:
                 reply = reply[:-1]  # a prefix's probability: "Yes, there is..." also says yes
             return enc.input_ids[:supervised[0]], reply
 
@@ -78,46 +80,57 @@ class ChoiceScorer:
                 self._forms[form] = encode(form)[1]
         return prompt_ids, [self._forms[f] for f in forms]
 
-    def _batch(self, encoded: list[tuple[np.ndarray, list[np.ndarray]]]):
-        """Sequences prompt + form_1 + ... + form_K, their block masks and positions, and
-        for every form token the position whose logits predict it."""
+    @property
+    def _ends(self) -> set[int]:
+        tok = self.processor.tokenizer
+        return {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} - {None, tok.unk_token_id}
+
+    def _batch(self, encoded: list[tuple[np.ndarray, list[np.ndarray]]], grids: list):
+        """Sequences prompt + form_1 + ... + form_K, their block masks and positions (each
+        form continues the prompt's positions), and for every form token the position
+        whose logits predict it."""
         length = max(len(p) + sum(map(len, fs)) for p, fs in encoded)
         ids = torch.zeros(len(encoded), length, dtype=torch.long)
-        positions = torch.zeros(len(encoded), length, dtype=torch.long)
+        positions = torch.zeros(self.rope.rows, len(encoded), length, dtype=torch.long)
         allowed = torch.eye(length, dtype=torch.bool).repeat(len(encoded), 1, 1)
         targets = []  # (row, form index, predicting position, token)
-        for b, (prompt, forms) in enumerate(encoded):
+        for b, ((prompt, forms), grid) in enumerate(zip(encoded, grids)):
             n = len(prompt)
             ids[b, :n] = torch.as_tensor(prompt)
-            positions[b, :n] = torch.arange(n)
+            prompt_positions = torch.as_tensor(self.rope(prompt, grid))
+            positions[:, b, :n] = prompt_positions
+            after = int(prompt_positions.max()) + 1
             allowed[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
             start = n
             for f, form in enumerate(forms):
                 m = len(form)
                 ids[b, start:start + m] = torch.as_tensor(form)
-                positions[b, start:start + m] = torch.arange(n, n + m)
+                positions[:, b, start:start + m] = torch.arange(after, after + m)
                 allowed[b, start:start + m, :n] = True
                 allowed[b, start:start + m, start:start + m] = torch.ones(m, m, dtype=torch.bool).tril()
                 for j, token in enumerate(form.tolist()):
                     targets.append((b, f, n - 1 if j == 0 else start + j - 1, token))
                 start += m
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill(~allowed, torch.finfo(self.dtype).min)
-        return ids, mask[:, None], positions, targets
+        return ids, mask[:, None], positions[0] if self.rope.rows == 1 else positions, targets
 
     @torch.inference_mode()
-    def choice_scores(self, rows: list[dict], pixels: list[np.ndarray]) -> list[list[float]]:
+    def choice_scores(self, rows: list[dict], images: list) -> list[list[float]]:
         """Per row, per choice: log P(choice) (log-sum over its surface forms). Rows need
-        key, prompt and choices (a list of surface-form lists)."""
+        key, prompt and choices (a list of surface-form lists); `images` decoded RGB."""
         out = []
         for lo in range(0, len(rows), self.batch_size):
-            chunk, chunk_pixels = rows[lo:lo + self.batch_size], pixels[lo:lo + self.batch_size]
+            chunk = rows[lo:lo + self.batch_size]
+            px = pixels(self.processor, images[lo:lo + self.batch_size])
             flat = [[form for choice in r["choices"] for form in choice] for r in chunk]
+            grids = [[g] for g in px.grids] if px.grids is not None else [[] for _ in chunk]
             ids, mask, positions, targets = self._batch(
-                [self._encode(r["key"], r["prompt"], forms) for r, forms in zip(chunk, flat)])
-            pixel_values = self.processor.image_processor(images=chunk_pixels, return_tensors="pt")["pixel_values"]
+                [self._encode(r["key"], r["prompt"], forms, n) for r, forms, n in zip(chunk, flat, px.tokens)], grids)
+            values = torch.as_tensor(np.concatenate(px.values) if px.grids is not None else np.stack(px.values))
+            extra = {"image_grid_thw": torch.as_tensor(px.grids).to(self.device)} if px.grids is not None else {}
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=positions.to(self.device),
-                                pixel_values=pixel_values.to(self.device, self.dtype)).logits
+                                pixel_values=values.to(self.device, self.dtype), **extra).logits
             b, f, at, token = (torch.tensor(c) for c in zip(*targets))
             logp = torch.log_softmax(logits[b, at].float(), dim=-1)[torch.arange(len(token)), token].cpu()
             form_logp = [[0.0] * len(forms) for forms in flat]
@@ -133,13 +146,13 @@ class ChoiceScorer:
 
     def predict(self, rows: list[dict], image_root: str) -> list[str]:
         """The label of the most probable choice of each row (rows as in EVAL_SCHEMA)."""
-        pixels = []
+        images = []
         for r in rows:
             try:
-                pixels.append(load_pixels(storage.read_bytes(storage.join(image_root, r["image"])), self.image_size))
+                images.append(decode_image(storage.read_bytes(storage.join(image_root, r["image"]))))
             except Exception as e:
                 raise PredictError(f"eval row {r['key']}: image {r['image']} under {image_root}: {e}") from None
-        return [r["labels"][int(np.argmax(s))] for r, s in zip(rows, self.choice_scores(rows, pixels))]
+        return [r["labels"][int(np.argmax(s))] for r, s in zip(rows, self.choice_scores(rows, images))]
 
 
 def predict_local(scorer: ChoiceScorer, table: pa.Table, image_root: str) -> list[dict]:

@@ -96,14 +96,14 @@ def assemble(encoded: list[Encoded], keys: list[str], images: list[Pixels | None
     if rope_rows == 1:
         out["position_ids"] = out["position_ids"][:, 0]
     else:
-        out["image_grid_thw"] = _ragged(grids)
+        out["image_grid_thw"] = ragged(grids)
     out["num_images"] = np.array(counts, np.int64)
-    out["pixel_values"] = _ragged([np.zeros((0, *pixel_shape), np.float32) if v is None else v for v in pixel_values])
-    out["segment_tasks"], out["segment_keys"] = _ragged(tasks), _ragged(seg_keys)
+    out["pixel_values"] = ragged([np.zeros((0, *pixel_shape), np.float32) if v is None else v for v in pixel_values])
+    out["segment_tasks"], out["segment_keys"] = ragged(tasks), ragged(seg_keys)
     return out
 
 
-def _ragged(items: list) -> np.ndarray:
+def ragged(items: list) -> np.ndarray:
     # An object array of per-row values: Ray Data stores it as a list or ragged tensor column.
     arr = np.empty(len(items), dtype=object)
     arr[:] = items

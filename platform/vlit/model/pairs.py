@@ -27,8 +27,10 @@ from vlit import storage
 from vlit.config import LossConfig, ModelConfig, StreamConfig
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.corpus.stream import _DecodeImages, _is_stateful, write_quarantine
-from vlit.model.build import build_processor
+from vlit.model.build import build_processor, model_config
+from vlit.model.families import RopeIndex, pixel_shape
 from vlit.model.labels import IGNORE, encode_row
+from vlit.model.packing import ragged, processed_images
 from vlit.model.templates import EncodeError
 
 SIDES = ("chosen", "rejected")
@@ -51,39 +53,53 @@ class PairTransform:
     def __init__(self, model_cfg: ModelConfig, *, quarantine: str, epoch: int = 0):
         self.model_cfg, self.quarantine, self.epoch = model_cfg, quarantine, epoch
         self.processor = build_processor(model_cfg)
-        crop = self.processor.image_processor.crop_size
-        self.image_shape = (3, crop["height"], crop["width"])
+        self.rope = RopeIndex(model_config(model_cfg))
 
     def __call__(self, batch: dict) -> dict:
         n, max_len = len(batch["pair_id"]), self.model_cfg.max_len
+        rows = self.rope.rows
         out = {f"{side}_{k}": np.full((n, max_len), IGNORE if k == "labels" else 0, np.int64)
                for side in SIDES for k in ("input_ids", "labels")}
+        out.update({f"{side}_position_ids": np.zeros((n, rows, max_len), np.int64) for side in SIDES})
         out.update({f"{side}_length": np.zeros(n, np.int64) for side in SIDES})
-        keep, failed, failures = [], [], []
+        images, failures = processed_images(self.processor, batch["images"])
+        keep, failed = [], []
         for i in range(n):
+            if i in failures:
+                failed.append((i, failures[i]))
+                continue
+            has_image, image = bool(batch["has_image"][i]), images[i]
             try:
                 for side in SIDES:
-                    row = {"turns": pair_turns(str(batch["prompt"][i]), str(batch[side][i]), bool(batch["has_image"][i])),
-                           "task": "preference", "has_image": bool(batch["has_image"][i])}
-                    e = encode_row(row, self.processor, self.model_cfg, RESPONSE_ONLY, None)
-                    out[f"{side}_input_ids"][i, :len(e.input_ids)] = e.input_ids
-                    out[f"{side}_labels"][i, :len(e.labels)] = e.labels
-                    out[f"{side}_length"][i] = len(e.input_ids)
+                    row = {"turns": pair_turns(str(batch["prompt"][i]), str(batch[side][i]), has_image),
+                           "task": "preference", "has_image": has_image}
+                    e = encode_row(row, self.processor, self.model_cfg, RESPONSE_ONLY, None,
+                                   image.tokens if image is not None else None)
+                    length = len(e.input_ids)
+                    out[f"{side}_input_ids"][i, :length] = e.input_ids
+                    out[f"{side}_labels"][i, :length] = e.labels
+                    out[f"{side}_position_ids"][i, :, :length] = self.rope(e.input_ids, (image.grids or []) if image is not None else [])
+                    out[f"{side}_length"][i] = length
                 keep.append(i)
             except EncodeError as e:
-                failed.append(i)
-                failures.append((e.reason, f"pair {batch['pair_id'][i]} ({side}): {e.detail}"))
-        if failures:
-            columns = [c for c in batch if c not in ("pixels", "has_image")]
-            write_quarantine(self.quarantine, self.epoch, [{c: batch[c][i] for c in columns} for i in failed], failures)
-        has_image = np.asarray(batch["has_image"], bool)[keep]
-        pixel_values = np.zeros((len(keep), *self.image_shape), np.float32)
-        if has_image.any():
-            images = [batch["pixels"][i] for i, has in zip(keep, has_image) if has]
-            pixel_values[has_image] = self.processor.image_processor(images=images, return_tensors="np")["pixel_values"]
+                failed.append((i, (e.reason, f"pair {batch['pair_id'][i]} ({side}): {e.detail}")))
+        if failed:
+            columns = [c for c in batch if c not in ("images", "has_image")]
+            write_quarantine(self.quarantine, self.epoch, [{c: batch[c][i] for c in columns} for i, _ in failed],
+                             [why for _, why in failed])
         out = {k: v[keep] for k, v in out.items()}
-        return {"pair_id": np.asarray(batch["pair_id"], dtype=object)[keep], **out,
-                "pixel_values": pixel_values, "has_image": has_image}
+        if rows == 1:
+            out = {k: v[:, 0] if k.endswith("_position_ids") else v for k, v in out.items()}
+        shape = pixel_shape(self.processor)
+        pixels = [np.concatenate(images[i].values) if images[i] is not None and rows > 1 else
+                  np.stack(images[i].values) if images[i] is not None else np.zeros((0, *shape), np.float32)
+                  for i in keep]
+        result = {"pair_id": np.asarray(batch["pair_id"], dtype=object)[keep], **out, "pixel_values": ragged(pixels),
+                  "has_image": np.asarray([images[i] is not None for i in keep], bool)}
+        if rows > 1:
+            result["image_grid_thw"] = ragged([np.array(images[i].grids if images[i] is not None else [], np.int64)
+                                                .reshape(-1, 3) for i in keep])
+        return result
 
 
 def collate_pairs(rows: dict) -> dict:
@@ -91,19 +107,25 @@ def collate_pairs(rows: dict) -> dict:
     `pixel_values` holds the pairs' images once each (None when no pair has one)."""
     lengths = np.concatenate([np.asarray(rows[f"{side}_length"]) for side in SIDES])
     width = int(lengths.max())
-    ids, labels = (np.concatenate([np.asarray(rows[f"{side}_{k}"])[:, :width] for side in SIDES])
-                   for k in ("input_ids", "labels"))
+    ids, labels, positions = (np.concatenate([np.asarray(rows[f"{side}_{k}"])[..., :width] for side in SIDES])
+                              for k in ("input_ids", "labels", "position_ids"))
     has_image = np.asarray(rows["has_image"], bool)
-    return {
+    images = [np.asarray(p, np.float32) for p, has in zip(rows["pixel_values"], has_image) if has]
+    out = {
         "input_ids": torch.as_tensor(ids),
         "labels": torch.as_tensor(labels),
         # Right padding: a causal model never attends to it, so a sequence's log-prob
         # does not depend on what it was batched with.
         "attention_mask": torch.as_tensor(np.arange(width)[None, :] < lengths[:, None]).long(),
-        "position_ids": torch.arange(width).expand(len(ids), width).clone(),
-        "pixel_values": torch.as_tensor(np.asarray(rows["pixel_values"])[has_image]) if has_image.any() else None,
+        # [2B, L] (LLaVA) or Qwen-VL's mRoPE rows as the model takes them, [3, 2B, L].
+        "position_ids": torch.as_tensor(positions if positions.ndim == 2 else positions.transpose(1, 0, 2)),
+        "pixel_values": torch.as_tensor(np.concatenate(images)) if images else None,
         "pair_id": [str(p) for p in rows["pair_id"]],
     }
+    if "image_grid_thw" in rows:
+        grids = [np.asarray(g, np.int64).reshape(-1, 3) for g, has in zip(rows["image_grid_thw"], has_image) if has]
+        out["image_grid_thw"] = torch.as_tensor(np.concatenate(grids)) if grids else None
+    return out
 
 
 class PairCollate(NumpyBatchCollateFn):

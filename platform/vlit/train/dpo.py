@@ -45,7 +45,8 @@ class DPOStep(Step):
         # and the policy's forward is the same whichever reference the run uses.
         ref, ref_counts = self.reference.logps(engine, batch)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], pixel_values=batch["pixel_values"], repeat_images=2)
+                        position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
+                        image_grid_thw=batch.get("image_grid_thw"), repeat_images=2)
         policy, counts = sequence_logps(logits, batch["labels"])
         b = len(batch["pair_id"])
         ours, theirs = for_loss(policy, counts, dpo.loss), for_loss(ref, ref_counts, dpo.loss)

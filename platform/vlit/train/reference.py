@@ -44,7 +44,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
 def _forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums, counts) of response log-probs of a collated pair batch, without gradients."""
     with torch.no_grad():
-        logits = model(**{k: batch[k] for k in MODEL_INPUTS}, repeat_images=2)
+        logits = model(**{k: batch[k] for k in MODEL_INPUTS}, image_grid_thw=batch.get("image_grid_thw"),
+                       repeat_images=2)
     return sequence_logps(logits, batch["labels"])
 
 

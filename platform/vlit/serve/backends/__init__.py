@@ -17,7 +17,7 @@ from typing import Any
 
 from vlit.config import BackendConfig
 from vlit.corpus.schema import IMAGE_TOKEN
-from vlit.model.templates import RESPONSE, SYSTEM, EncodeError, render
+from vlit.model.templates import CHAT, RESPONSE, SYSTEM, EncodeError, _messages, render
 from vlit.serve import rubric
 from vlit.serve.protocol import AspectScore, RequestError
 
@@ -73,9 +73,11 @@ class JudgeItem:
     max_new_tokens: int
 
 
-def render_prompt(messages: list[Message], template: str, eos: str) -> str:
-    """The prompt text of a conversation under a vlit template, ending with the assistant's
-    role tag (the model writes from there)."""
+def render_prompt(messages: list[Message], template: str, eos: str, processor=None) -> str:
+    """The prompt text of a conversation under a vlit template (or the checkpoint's chat
+    template, with its generation prompt), ending where the model writes its reply. An
+    image goes where the text has the placeholder, else first in its message, and every
+    template places it as training did (templates.py)."""
     system, turns = None, []
     for m in messages:
         text = f"{IMAGE_TOKEN}\n{m.text}" if m.image and IMAGE_TOKEN not in m.text else m.text
@@ -87,6 +89,9 @@ def render_prompt(messages: list[Message], template: str, eos: str) -> str:
             turns.append((m.role, text))
     if not turns or turns[-1][0] != "user":
         raise RequestError(400, "the last message must be the user's")
+    if template == CHAT:
+        chat = ([{"role": "system", "content": system}] if system is not None else []) + _messages(turns)
+        return processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     try:
         pieces = render(turns + [("assistant", "")], template, eos)
     except EncodeError as e:

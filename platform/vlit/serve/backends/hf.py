@@ -20,12 +20,13 @@ import threading
 from collections import defaultdict
 
 import torch
-from PIL import Image
 from transformers import DynamicCache
 
 from vlit.config import HFBackendConfig
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.model.build import build_model_and_processor
+from vlit.model.families import LLAVA, prepare, processor_family
+from vlit.model.templates import CHAT, resolve
 from vlit.serve.backends import Backend, Completion, Generation, GenerationRequest, render_prompt
 from vlit.serve.protocol import RequestError
 
@@ -47,10 +48,10 @@ class HFBackend(Backend):
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.max_len = cfg.model.max_len
-        self.template = cfg.model.template
-        # Tokens an image adds beyond its one `<image>` placeholder (576 - 1 for LLaVA-1.5).
-        probe = self.processor(text=IMAGE_TOKEN, images=[Image.new("RGB", (8, 8))], return_tensors="pt")
-        self.image_extra = probe["input_ids"].shape[1] - len(self.tokenizer(IMAGE_TOKEN)["input_ids"])
+        self.template = resolve(cfg.model.template, self.processor)
+        # LLaVA's positions are 0..n-1, so a shared prompt prefix's keys and values can be
+        # reused; Qwen-VL's mRoPE positions come from the whole prompt (the model's own).
+        self.llava = processor_family(self.processor) == LLAVA
         self.rating_ids, self.rating_sep = self._rating_tokens()
         self._lock = threading.Lock()  # one batch at a time on the model (and its RNG)
         # `check` runs on the replica's event loop while a batch pads on the executor thread;
@@ -61,8 +62,18 @@ class HFBackend(Backend):
     # ---- prompts -------------------------------------------------------------------------
 
     def _text(self, req: GenerationRequest) -> str:
-        text = render_prompt(req.messages, self.template, self.tokenizer.eos_token)
-        return f"{text} {req.answer_prefix}{self.rating_sep}" if req.answer_prefix else text
+        text = render_prompt(req.messages, self.template, self.tokenizer.eos_token, self.processor)
+        if not req.answer_prefix:
+            return text
+        space = "" if self.template == CHAT else " "  # a chat template's generation prompt ends the line
+        return f"{text}{space}{req.answer_prefix}{self.rating_sep}"
+
+    def _image_tokens(self, image) -> int:
+        """Tokens the request's image takes beyond its one placeholder."""
+        if image is None:
+            return 0
+        (square,) = prepare(self.processor, [image])
+        return self.processor._get_num_multimodal_tokens(image_sizes=[square.size[::-1]]).num_image_tokens[0] - 1
 
     def _rating_tokens(self) -> tuple[list[int], str]:
         """Ids of the tokens "1".."5" as they follow the answer prefix, and the separator
@@ -82,7 +93,7 @@ class HFBackend(Backend):
         raise ValueError("this tokenizer does not encode the ratings 1..5 as single tokens after 'Rating:'")
 
     def check(self, req: GenerationRequest) -> None:
-        n = len(self._check_tokenizer(self._text(req))["input_ids"]) + (self.image_extra if req.image is not None else 0)
+        n = len(self._check_tokenizer(self._text(req))["input_ids"]) + self._image_tokens(req.image)
         if n + req.max_new_tokens > self.max_len:
             raise RequestError(
                 400, f"this model's context is {self.max_len} tokens; the request needs {n} for the prompt "
@@ -90,7 +101,7 @@ class HFBackend(Backend):
 
     def _inputs(self, reqs: list[GenerationRequest]):
         texts = [self._text(r) for r in reqs]
-        images = [r.image for r in reqs if r.image is not None]
+        images = prepare(self.processor, [r.image for r in reqs if r.image is not None])
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         return {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
 
@@ -151,7 +162,7 @@ class HFBackend(Backend):
     def _split(self, req: GenerationRequest) -> tuple[str, str]:
         """(shared prefix, the request's own rest) of its prompt text."""
         text = self._text(req)
-        at = text.find(req.cache_prefix) if req.cache_prefix else -1
+        at = text.find(req.cache_prefix) if req.cache_prefix and self.llava else -1
         if at < 0 or IMAGE_TOKEN in text[: at + len(req.cache_prefix)]:
             return "", text
         cut = at + len(req.cache_prefix)
@@ -185,7 +196,7 @@ class HFBackend(Backend):
         return out
 
     def _score(self, rests: list[str], images: list, prefix: str) -> list[list[float]]:
-        images = [im for im in images if im is not None]
+        images = prepare(self.processor, [im for im in images if im is not None])
         inputs = self.processor(text=rests, images=images or None, padding=True, padding_side="right",
                                 add_special_tokens=not prefix, return_tensors="pt")
         inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
@@ -196,8 +207,9 @@ class HFBackend(Backend):
             inputs["past_key_values"] = DynamicCache(
                 ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv])
             inputs["attention_mask"] = torch.cat([own_mask.new_ones(rows, shared), own_mask], dim=1)
-        positions = torch.arange(shared, shared + length, device=self.device).expand(rows, length)
-        logits = self.model(**inputs, position_ids=positions).logits
+        if self.llava:
+            inputs["position_ids"] = torch.arange(shared, shared + length, device=self.device).expand(rows, length)
+        logits = self.model(**inputs).logits
         last = own_mask.sum(dim=1) - 1
         rating_logits = logits[torch.arange(rows, device=self.device), last][:, self.rating_ids]
         return torch.softmax(rating_logits.float(), dim=-1).cpu().tolist()
