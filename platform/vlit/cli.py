@@ -4,6 +4,7 @@
     vlit corpus synth --instances N --tasks T --out DIR
     vlit corpus tasks VERSION
     vlit corpus sample VERSION [--cap N] [--temperature T] [--seed S] [--epoch E]
+    vlit corpus render CONFIG VERSION [--rows N] [--json] [key=value ...]
     vlit feedback pairs INPUT... --out ROOT [--image-root R] [--judge ID]
     vlit loops feedback|vigc FILE --corpus VERSION [--attach] [key=value ...]
     vlit loops self-instruct FILE (--annotations JSONL | --synth-corpus DIR) [--attach] [key=value ...]
@@ -44,13 +45,14 @@ def job_main(name: str, description: str, stage) -> int:
         return 2
     from vlit.corpus.prepare import PrepareError
     from vlit.evaluate.gates import GateFailed
+    from vlit.train.loop import NoTrainingData
 
     try:
         summary = stage(cfg)
     except ConfigError as e:  # a stage that finds its section missing or inconsistent
         print(f"{name}: {e}", file=sys.stderr)
         return 2
-    except PrepareError as e:  # data a stage cannot use: the message names the file and the rows
+    except (PrepareError, NoTrainingData) as e:  # data a stage cannot use: the message names the rows
         print(f"{name}: {e}", file=sys.stderr)
         return 2
     except GateFailed as e:  # the job stops; the reasons are on the stage's MLflow run too
@@ -119,6 +121,63 @@ def _tasks(args: argparse.Namespace) -> int:
 
     registry = TaskRegistry.from_version(CorpusVersion.open(args.version))
     _print(registry.to_dict())
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    """What the model trains on, row by row: the rendered text, the token ids, which are
+    supervised and how many tokens the image takes (`--json`: a list of those)."""
+    from vlit.corpus.images import decode_image, read_image_bytes
+    from vlit.model.build import build_processor
+    from vlit.model.families import pixels
+    from vlit.model.labels import IGNORE, encode_row
+    from vlit.model.templates import EncodeError, resolve
+    from vlit.versions import CorpusVersion
+
+    cfg = load_config(args.file, args.overrides)
+    version = CorpusVersion.open(args.version)
+    processor = build_processor(cfg.model)
+    templates = None
+    if cfg.loss.target == "l2t":
+        from vlit.corpus.template_text import template_text
+        from vlit.runtime import init_ray
+
+        init_ray(cfg.ray, cfg.run.workdir)
+        templates = template_text(version, cfg.loss)
+    template = resolve(cfg.model.template, processor)
+    out = []
+    for row in version.read_table(columns=["id", "key", "task", "turns", "image"]).slice(0, args.rows).to_pylist():
+        tokens = pixels(processor, [decode_image(read_image_bytes(row["image"]))]).tokens if row["image"] else None
+        try:
+            enc = encode_row(row, processor, cfg.model, cfg.loss, templates, tokens)
+        except EncodeError as e:
+            out.append({"id": row["id"], "key": row["key"], "error": f"{e.reason}: {e.detail}"})
+            continue
+        out.append({"id": row["id"], "key": row["key"], "task": row["task"], "template": template, "text": enc.text,
+                    "input_ids": enc.input_ids.tolist(), "labels": enc.labels.tolist(),
+                    "image_tokens": int(sum(tokens or [0]))})
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    decode = processor.tokenizer.decode
+    for r in out:
+        if "error" in r:
+            print(f"== row {r['id']} (key {r['key']}): not trained on: {r['error']}\n")
+            continue
+        ids, labels = r["input_ids"], r["labels"]
+        on = [i for i, label in enumerate(labels) if label != IGNORE]
+        runs, start = [], None
+        for a, b in zip(on, on[1:] + [None]):
+            start = a if start is None else start
+            if b != a + 1:
+                runs.append(decode(ids[start:a + 1]))
+                start = None
+        print(f"== row {r['id']} (task {r['task']}, template {r['template']}): {len(ids)} tokens, "
+              f"{r['image_tokens']} image tokens, {len(on)} supervised")
+        print(f"text:        {r['text']!r}")
+        print("supervised:  " + " | ".join(repr(x) for x in runs))
+        print(f"input_ids:   {ids}")
+        print(f"labels:      {labels}\n")
     return 0
 
 
@@ -311,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = corpus.add_parser("tasks", help="the task registry of a corpus version")
     t.add_argument("version", help="a corpus version URI (OUT/<digest>)")
     t.set_defaults(func=_tasks)
+
+    r = corpus.add_parser("render", help="what the model trains on: each row's text, token ids, supervised tokens "
+                                         "and image tokens")
+    r.add_argument("file", help="the config (its model and loss sections)")
+    r.add_argument("version", help="a corpus version URI (OUT/<digest>)")
+    r.add_argument("overrides", nargs="*", help="key.path=value")
+    r.set_defaults(func=_render)
+    r.add_argument("--rows", type=int, default=5, help="how many rows (the version's first)")
+    r.add_argument("--json", action="store_true", help="[{id, text, input_ids, labels, image_tokens}, ...]")
 
     m = corpus.add_parser("sample", help="task-balanced sampling report for a corpus version")
     m.add_argument("version")

@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -118,11 +117,23 @@ class StreamConfig(_Strict):
 
 
 class CorpusConfig(_Strict):
-    out: str  # where corpus versions live: OUT/<digest>/
+    out: str | None = None  # where corpus versions live: OUT/<digest>/ (default: beside `version`)
+    # An already prepared corpus version (OUT/<digest>/) to train on as it is: nothing is
+    # synthesized or prepared.
+    version: str | None = None
     synth: SynthConfig | None = None
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
+
+    @model_validator(mode="after")
+    def _where(self) -> "CorpusConfig":
+        if self.out is None and self.version is None:
+            raise ValueError("corpus.out: Field required (where corpus versions live), or corpus.version (one "
+                             "already prepared)")
+        if self.out is None:
+            object.__setattr__(self, "out", self.version.rstrip("/").rsplit("/", 1)[0])
+        return self
 
 
 class ModelConfig(_Strict):
@@ -137,8 +148,13 @@ class ModelConfig(_Strict):
     # vicuna_v1, plain, or the checkpoint's own chat template (chat_template); None: the
     # checkpoint's when it has one, else vicuna_v1 (vlit/model/templates.py).
     template: Literal["vicuna_v1", "plain", "chat_template"] | None = None
-    max_len: int = Field(default=512, ge=16)
-    vision_feature_layer: int = -2
+    # The longest sequence (tokens, images expanded); None: the model's own (its text
+    # config's max_position_embeddings and its tokenizer's model_max_length; the tiny
+    # presets 512 and 1024). Longer rows are quarantined as too_long, never cut.
+    max_len: int | None = Field(default=None, ge=16)
+    # The vision layer LLaVA takes its features from; None: the checkpoint's (tiny: -2).
+    # Qwen-VL has no such setting: a value there is refused.
+    vision_feature_layer: int | None = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -178,6 +194,7 @@ class TrainConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2  # configs/deepspeed/zero{N}.json
     lr: float = Field(default=2e-5, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
+    adam_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0)
     epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
@@ -237,8 +254,10 @@ class VIGCConfig(_Strict):
     generator: str = "tiny"
     corrector: str | None = None  # VIC's generator; None: the VIG generator
     samples: int = Field(default=1, ge=1, le=16)  # VIG generations per image and type
-    rounds: int = Field(default=8, ge=1)  # R: at most this many VIC sentences
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    # VIGC's released settings: 4 correction rounds, deterministic decoding (greedy where
+    # beam search is not served); every request seeded.
+    rounds: int = Field(default=4, ge=1)  # R: at most this many VIC sentences
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(default=128, ge=1)
     seed: int = 0
 
@@ -603,9 +622,9 @@ class Config(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     serve: ServeConfig | None = None  # absent: the job serves no models
-    # Required, except in a serve-only config (configs/serve/*.yaml). Declared after
-    # `serve` so its validator sees whether a serve section was given.
-    corpus: CorpusConfig | None = Field(default=None, validate_default=True)
+    # Required, except in a config with a serve section (configs/serve/*.yaml, the loops)
+    # and a DPO-only one (its pairs come from dpo.*).
+    corpus: CorpusConfig | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig | None = None  # absent: the job prepares and streams data only
@@ -636,13 +655,13 @@ class Config(_Strict):
             raise ValueError("dpo.synth makes feedback from the synthetic corpus: set corpus.synth")
         return dpo
 
-    @field_validator("corpus")
-    @classmethod
-    def _corpus_unless_serve_only(cls, corpus: CorpusConfig | None, info: ValidationInfo):
-        # `serve` missing from info.data means it failed validation: that error is enough.
-        if corpus is None and "serve" in info.data and info.data["serve"] is None:
-            raise PydanticCustomError("missing", "Field required")
-        return corpus
+    @model_validator(mode="after")
+    def _corpus_unless_serve_or_dpo_only(self) -> "Config":
+        dpo_only = self.dpo is not None and self.dpo.synth is None and self.pipeline is None
+        if self.corpus is None and self.serve is None and not dpo_only:
+            raise ValueError("corpus: Field required (a config with a serve section, or a DPO-only one, may go "
+                             "without)")
+        return self
 
     @field_validator("eval")
     @classmethod

@@ -54,6 +54,11 @@ def prepare_stage(cfg: Config, sources: list[str]) -> CorpusVersion:
 def corpus_stage(cfg: Config) -> CorpusVersion:
     """The config's corpus version: synthesized (when asked) and prepared, or reused."""
     corpus = require(cfg, "corpus", "this job", "corpus.out and its sources or corpus.synth")
+    if corpus.version:
+        version = CorpusVersion.open(corpus.version)
+        say("prepare", f"corpus.version {version.digest}: {version.rows} rows, {len(version.task_counts)} tasks "
+                       f"-> {version.uri} (prepared before; used as it is)")
+        return version
     sources = synth_stage(cfg) if corpus.synth else list(corpus.prepare.sources)
     if not sources:
         raise ConfigError("corpus.prepare.sources is empty and corpus.synth is not set: the job has no corpus")

@@ -12,7 +12,7 @@ from vlit.config import LossConfig, ModelConfig, TrainConfig
 from vlit.model.build import build_model_and_processor
 from vlit.model.collate import MODEL_INPUTS, collate
 from vlit.model.labels import encode_row, token_losses
-from vlit.model.packing import SFTTransform, first_fit_decreasing, modality_length_batches
+from vlit.model.packing import SFTTransform, best_fit_packs, modality_length_batches
 
 MODEL = ModelConfig(max_len=640)
 ROWS = [
@@ -125,11 +125,15 @@ def test_modality_grouping_and_mixed_batches(tiny):
         assert (count > 0).all() and int(count.sum()) == int((inputs["labels"][:, 1:] != -100).sum())
 
 
-def test_first_fit_decreasing_fills_bins():
+def test_best_fit_packs_fill_bins():
     lengths = np.array([90, 60, 50, 40, 30, 20, 10])
-    bins = first_fit_decreasing(lengths, 100)
+    bins = best_fit_packs(lengths, 100)
     assert sorted(i for b in bins for i in b) == list(range(7))
     assert all(lengths[b].sum() <= 100 for b in bins) and len(bins) == 3
+    # Rows of a third of the capacity: three to a bin where first-fit-decreasing puts the
+    # two longest together and the room left takes no third.
+    thirds = np.array([36, 36, 34, 33, 31, 30])  # first-fit-decreasing: 72, 98, 30
+    assert [int(thirds[b].sum()) for b in best_fit_packs(thirds, 100)] == [100, 100]
 
 
 def test_transform_quarantines_rows_it_cannot_encode(tiny, tmp_path):

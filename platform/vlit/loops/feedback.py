@@ -103,11 +103,15 @@ class Response:
 
 
 def parse_rating(value) -> Fraction | None:
-    """A judge's rating as an exact number, or None when it is not one ("N/A", "", None)."""
+    """A judge's rating as an exact number, or None when it is not one ("N/A", "", None).
+    A rating is what the release's own `float()` reads ("4", "4.0", "4.5"; not "4/5",
+    "nan" or "inf"), kept exact as a fraction of its decimal digits."""
     if isinstance(value, bool) or value is None:
         return None
+    text = str(value).strip()
     try:
-        return Fraction(str(value).strip())
+        float(text)
+        return Fraction(text)
     except (ValueError, ZeroDivisionError):
         return None
 

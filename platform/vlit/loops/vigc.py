@@ -16,6 +16,7 @@ Every round goes through Serve on Ray Data (`serve_calls`); `correct` takes any
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Callable
 
 from vlit.config import VIGCConfig
@@ -112,8 +113,10 @@ def vic_prompt(item: dict) -> str:
 def serve_complete(model: str, cfg: VIGCConfig, app_name: str) -> Callable[[list[dict]], list[str | None]]:
     """VIC's `complete` through Serve: one Ray Data pass per round."""
     def complete(active: list[dict]) -> list[str | None]:
+        # Seeded per item and round, so a sampled correction (temperature > 0) repeats too.
         reqs = [{"model": model, "messages": [user_message(vic_prompt(s), s["image"])], "n": 1,
-                 "temperature": cfg.temperature, "max_tokens": cfg.max_tokens} for s in active]
+                 "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
+                 "seed": cfg.seed * 100003 + zlib.crc32(f"{s['id']}#{s['vic_rounds']}".encode())} for s in active]
         return [(chat_texts(r) or [None])[0] for r, _ in serve_calls(reqs, method="chat", app_name=app_name)]
     return complete
 

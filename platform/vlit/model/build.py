@@ -10,7 +10,9 @@ because `from_pretrained` reads local files).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import tempfile
 
@@ -68,12 +70,13 @@ def _tiny_config(cfg: ModelConfig, processor: LlavaProcessor) -> LlavaConfig:
     text = LlamaConfig(
         hidden_size=TINY_HIDDEN, intermediate_size=2 * TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
         num_attention_heads=TINY_HEADS, num_key_value_heads=TINY_HEADS, vocab_size=len(tokenizer),
-        max_position_embeddings=cfg.max_len, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=resolved(cfg).max_len, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
-        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy="default",
+        vision_feature_layer=-2 if cfg.vision_feature_layer is None else cfg.vision_feature_layer,
+        vision_feature_select_strategy="default",
     )
     config._attn_implementation = cfg.attn_implementation
     return config
@@ -105,6 +108,31 @@ def local_copy(uri: str) -> str:
     return dest
 
 
+TINY_MAX_LEN = {"tiny": 512, "tiny-qwen2.5-vl": 1024, "tiny-qwen3-vl": 1024}
+
+
+@functools.lru_cache(maxsize=16)
+def _context_length(preset: str | None, path: str | None) -> int:
+    if preset is not None:
+        return TINY_MAX_LEN[preset]
+    folder = local_copy(path)
+    config = AutoConfig.from_pretrained(folder)
+    length = getattr(getattr(config, "text_config", config), "max_position_embeddings", None) or 2048
+    tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(tokenizer_config):
+        limit = json.load(open(tokenizer_config)).get("model_max_length")
+        if isinstance(limit, int) and limit < 1_000_000:  # tokenizers without one say 1e30
+            length = min(length, limit)
+    return int(length)
+
+
+def resolved(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with `max_len` filled in from the model when it is None (config.py)."""
+    if cfg.max_len is not None:
+        return cfg
+    return cfg.model_copy(update={"max_len": _context_length(cfg.preset, cfg.path)})
+
+
 def load_processor(path: str):
     """The processor of a checkpoint folder: LLaVA's through the Auto class, Qwen-VL's
     without its video processor (vlit/model/qwen.py)."""
@@ -126,7 +154,7 @@ def model_config(cfg: ModelConfig):
     if cfg.preset == "tiny":
         return _tiny_config(cfg, tiny_processor())
     if cfg.preset in qwen.TINY:
-        return qwen.tiny_config(cfg.preset, cfg.tokenizer, cfg.max_len, cfg.attn_implementation)
+        return qwen.tiny_config(cfg.preset, cfg.tokenizer, resolved(cfg).max_len, cfg.attn_implementation)
     return AutoConfig.from_pretrained(local_copy(cfg.path))
 
 
@@ -140,9 +168,15 @@ def build_model_and_processor(cfg: ModelConfig):
     kwargs = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
     # LLaVA checkpoints by their own class; the Qwen-VL line through the Auto class that
     # maps their config to a model.
-    if family_of(AutoConfig.from_pretrained(path)) == LLAVA:
-        return LlavaForConditionalGeneration.from_pretrained(path, **kwargs), processor
-    return AutoModelForImageTextToText.from_pretrained(path, **kwargs), processor
+    family = family_of(AutoConfig.from_pretrained(path))
+    if cfg.vision_feature_layer is not None and family != LLAVA:
+        raise ValueError(f"model.vision_feature_layer is LLaVA's setting; {family} has none (leave it null)")
+    if family != LLAVA:
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs), processor
+    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    if cfg.vision_feature_layer is not None:  # honoured over the checkpoint's own
+        model.config.vision_feature_layer = cfg.vision_feature_layer
+    return model, processor
 
 
 def initial_model(cfg: Config):

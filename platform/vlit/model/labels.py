@@ -43,6 +43,7 @@ import torch
 from vlit.config import LossConfig, ModelConfig
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.corpus.template_text import sentence_spans
+from vlit.model.build import resolved
 from vlit.model.families import image_token, num_image_tokens
 from vlit.model.templates import CHAT, INSTRUCTION, RESPONSE, EncodeError, render, resolve
 
@@ -56,6 +57,7 @@ class Encoded:
     labels: np.ndarray  # int64 [n], IGNORE where not supervised
     has_image: bool
     task: str
+    text: str = ""  # the rendered conversation, image placeholders unexpanded
 
 
 def _turns(row: dict) -> list[tuple[str, str]]:
@@ -183,6 +185,7 @@ def encode_row(row: dict, processor, model_cfg: ModelConfig, loss_cfg: LossConfi
     `EncodeError(reason, detail)` for rows to quarantine. `image_tokens`: the token count
     of each of the row's images (`families.pixels`); default LLaVA's fixed count."""
     tokenizer = processor.tokenizer
+    model_cfg = resolved(model_cfg)
     turns, has_image = _turns(row), _has_image(row)
     _check_image_tokens(turns, has_image)
     template = resolve(model_cfg.template, processor)
@@ -225,7 +228,7 @@ def encode_row(row: dict, processor, model_cfg: ModelConfig, loss_cfg: LossConfi
         raise EncodeError("too_long", f"{len(ids)} tokens (images expanded) > model.max_len {model_cfg.max_len}")
     if not (labels != IGNORE).any():
         raise EncodeError("no_supervised_tokens", f"nothing to train on under loss.target={loss_cfg.target}")
-    return Encoded(ids.astype(np.int64), labels.astype(np.int64), has_image, row["task"])
+    return Encoded(ids.astype(np.int64), labels.astype(np.int64), has_image, row["task"], text)
 
 
 def token_losses(logits, batch: dict, task_index: dict[str, int]):

@@ -27,7 +27,7 @@ from vlit import storage
 from vlit.config import LossConfig, ModelConfig, StreamConfig
 from vlit.corpus.schema import IMAGE_TOKEN
 from vlit.corpus.stream import _DecodeImages, _is_stateful, write_quarantine
-from vlit.model.build import build_processor, model_config
+from vlit.model.build import build_processor, model_config, resolved
 from vlit.model.families import RopeIndex, pixel_shape
 from vlit.model.labels import IGNORE, encode_row
 from vlit.model.packing import ragged, processed_images
@@ -51,7 +51,7 @@ class PairTransform:
     quarantine=URI)` to `pairs_stream`; each actor builds it (and its processor) once."""
 
     def __init__(self, model_cfg: ModelConfig, *, quarantine: str, epoch: int = 0):
-        self.model_cfg, self.quarantine, self.epoch = model_cfg, quarantine, epoch
+        self.model_cfg, self.quarantine, self.epoch = resolved(model_cfg), quarantine, epoch
         self.processor = build_processor(model_cfg)
         self.rope = RopeIndex(model_config(model_cfg))
 

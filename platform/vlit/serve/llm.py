@@ -39,9 +39,10 @@ def llm_config(model: str, backend: VLLMBackendConfig, deployment: DeploymentCon
         "engine_kwargs": {
             "tensor_parallel_size": backend.tensor_parallel_size,
             "gpu_memory_utilization": backend.gpu_memory_utilization,
-            "max_model_len": backend.max_model_len or backend.model.max_len,
             "dtype": backend.model.dtype,
             "limit_mm_per_prompt": {"image": 1},  # the pool's requests carry one image at most
+            # None of both: vLLM takes the checkpoint's own context length.
+            **({"max_model_len": m} if (m := backend.max_model_len or backend.model.max_len) else {}),
         },
         "deployment_config": {
             "num_replicas": deployment.num_replicas,

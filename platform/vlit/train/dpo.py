@@ -21,7 +21,7 @@ import torch
 
 from vlit.config import Config, require
 from vlit.model.pairs import PairCollate, PairEncoder, pairs_quarantine, pairs_stream
-from vlit.train.loop import Step, total_steps, train_stage
+from vlit.train.loop import Step, require_rows, total_steps, train_stage
 from vlit.train.preference import for_loss, preference_loss, sequence_logps
 from vlit.train.reference import build_reference, cache_reference_logps
 
@@ -80,5 +80,6 @@ def run_dpo(cfg: Config, pairs, parent_run_id: str | None = None) -> dict:
                 "pairs": pairs.uri, "reference": dpo.reference, "reference_cache": cache}
 
     dataset = pairs_stream(pairs, dpo.stream, PairEncoder(cfg.model, pairs_quarantine(pairs)))
+    require_rows(dataset, pairs, dpo.stream.quarantine or pairs_quarantine(pairs))
     return train_stage(cfg, DPOStep, pairs, dataset, total_steps=total_steps(cfg, pairs.rows), parent_run_id=parent_run_id,
                        worker_config={"cache": cache and cache["uri"]}, summarize=summarize)

@@ -42,6 +42,25 @@ from vlit.train.strategy import DeepSpeedStrategy, consolidated_state_dict, deep
 REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
 
+class NoTrainingData(RuntimeError):
+    """Every row of the stage's input was quarantined before training; the message gives
+    the counts per reason and where the quarantined rows are."""
+
+
+def require_rows(dataset, data, quarantine: str) -> None:
+    """Stop before training when the stream yields nothing: every row quarantined (all
+    too long for model.max_len, say). Reads up to the first training row, so a stream
+    that has one goes on at once."""
+    if dataset.take(1):
+        return
+    from vlit.corpus.stream import quarantine_reasons
+
+    reasons = quarantine_reasons(quarantine)
+    raise NoTrainingData(f"every row of {data.uri} was quarantined before training: "
+                         f"{', '.join(f'{r} {n}' for r, n in sorted(reasons.items())) or 'no reasons recorded'}; "
+                         f"the rows and their reasons: {quarantine}")
+
+
 class Step:
     """What one stage computes; built in each worker as `cls(cfg, worker_config)`."""
 

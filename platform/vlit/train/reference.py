@@ -32,7 +32,7 @@ import torch
 from vlit import storage, versions
 from vlit.config import Config
 from vlit.digest import DIGEST_CHARS
-from vlit.model.build import initial_model
+from vlit.model.build import initial_model, resolved
 from vlit.model.pairs import PairTransform, collate_pairs, pairs_quarantine, pairs_stream
 from vlit.model.parts import EveryRankVision
 from vlit.train.preference import sequence_logps
@@ -120,7 +120,7 @@ def reference_digest(cfg: Config) -> str:
     (every file of its export, or the tiny preset's tensors and vocabulary), and how pairs
     become its inputs (template, max_len, image size, compute dtype)."""
     h = hashlib.sha256()
-    encoding = {"template": cfg.model.template, "max_len": cfg.model.max_len, "image_size": cfg.dpo.stream.image_size,
+    encoding = {"template": cfg.model.template, "max_len": resolved(cfg.model).max_len, "image_size": cfg.dpo.stream.image_size,
                 "vision_feature_layer": cfg.model.vision_feature_layer, "bf16": _bf16(cfg)}
     h.update(json.dumps(encoding, sort_keys=True).encode())
     source = cfg.train.init_from or cfg.model.path

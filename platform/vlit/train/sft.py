@@ -18,7 +18,7 @@ from vlit import lineage, storage
 from vlit.config import Config, require
 from vlit.model.collate import collate
 from vlit.model.labels import token_losses
-from vlit.train.loop import Step, total_steps, train_stage
+from vlit.train.loop import Step, require_rows, total_steps, train_stage
 
 AUDIT_PREFIX = "supervised_tokens/"
 
@@ -141,5 +141,7 @@ def run_sft(cfg: Config, version, parent_run_id: str | None = None) -> dict:
                 "quarantined": audit["quarantined"]}
 
     init_ray(cfg.ray, cfg.run.workdir)
-    return train_stage(cfg, SFTStep, version, sft_stream(cfg, version), total_steps=total_steps(cfg, rows),
+    dataset = sft_stream(cfg, version)
+    require_rows(dataset, version, run_quarantine(cfg))
+    return train_stage(cfg, SFTStep, version, dataset, total_steps=total_steps(cfg, rows),
                        parent_run_id=parent_run_id, worker_config={"tasks": tasks}, summarize=summarize)

@@ -106,7 +106,7 @@ class DeepSpeedStrategy:
             # Biases and norm scales are not decayed.
             {"params": [p for n, p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train.lr)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train.lr, betas=self.train.adam_betas)
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, num_warmup_steps=int(self.train.warmup_ratio * total_steps), num_training_steps=total_steps)
         text = getattr(model.config, "text_config", model.config)

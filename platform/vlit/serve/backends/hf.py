@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from vlit.config import HFBackendConfig
 from vlit.corpus.schema import IMAGE_TOKEN
-from vlit.model.build import build_model_and_processor
+from vlit.model.build import build_model_and_processor, resolved
 from vlit.model.families import LLAVA, prepare, processor_family
 from vlit.model.templates import CHAT, resolve
 from vlit.serve.backends import Backend, Completion, Generation, GenerationRequest, render_prompt
@@ -47,7 +47,7 @@ class HFBackend(Backend):
         self.model.to(self.device).eval()
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
-        self.max_len = cfg.model.max_len
+        self.max_len = resolved(cfg.model).max_len
         self.template = resolve(cfg.model.template, self.processor)
         # LLaVA's positions are 0..n-1, so a shared prompt prefix's keys and values can be
         # reused; Qwen-VL's mRoPE positions come from the whole prompt (the model's own).
