@@ -6,11 +6,12 @@ Each check prints one line, `check <name>: ok|failed|skipped ...` with what it m
 and the whole report goes to DIR/gpu_check.json:
 
 - env       the GPU, torch, CUDA, and which of ray, deepspeed, vllm, flash_attn import
-- bf16      one training step of the tiny LLaVA in bf16 on the GPU, through the platform's
+- bf16      one training step of each tiny family (LLaVA; Qwen2.5-VL and Qwen3-VL when
+            --qwen-tokenizer names the Qwen3 tokenizer) in bf16, through the platform's
             own trainable model (`model.parts`) and collate (packed rows, block mask)
-- attention the same packed batch's logits under sdpa with the block mask, and under
-            flash_attention_2 from position ids (varlen) when flash-attn is installed:
-            the largest difference
+- attention per family, the packed batch's logits under sdpa with the block mask against
+            flash_attention_2 on the flattened varlen layout (`collate(varlen=True)`)
+            when flash-attn is installed: the largest relative difference
 - mfu       a ~1.3B LLaVA built from config (random weights), bf16, packed 4096-token
             sequences: tokens/s of forward + backward + AdamW, and model FLOPs
             utilization against the GPU's dense bf16 peak (6 x params x tokens/s)
@@ -56,9 +57,11 @@ def check_env() -> dict:
     return out
 
 
-def _tiny_batch(model_cfg, rows: int = 8):
-    """Packed sequences of the tiny model from synthetic rows, as the stream makes them."""
+def _tiny_batch(model_cfg, rows: int = 8, varlen: bool = False):
+    """Two packed sequences of the tiny model from rows with images of two sizes and
+    text-only rows, as the stream makes them; `varlen`: flattened for flash-attn."""
     import numpy as np
+    from PIL import Image
 
     from vlit.config import LossConfig, TrainConfig
     from vlit.model.collate import collate
@@ -67,65 +70,97 @@ def _tiny_batch(model_cfg, rows: int = 8):
     train = TrainConfig(output="/tmp/x", micro_batch_size=2)
     transform = SFTTransform(model_cfg, LossConfig(), train, template_text=None, quarantine="/tmp/vlit-gpu-quarantine")
     rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32 + 16 * (i % 2), 48, 3), dtype=np.uint8)) if i % 3 else None
+              for i in range(rows)]
     batch = {"key": np.array([f"r{i}" for i in range(rows)], dtype=object),
-             "task": np.array(["t"] * rows, dtype=object), "has_image": np.ones(rows, bool),
-             "pixels": rng.integers(0, 255, (rows, 32, 32, 3), dtype=np.uint8),
-             "turns": [[{"role": "user", "content": "<image>\nHow many shapes are there?" + " Look." * (i % 5)},
+             "task": np.array(["t"] * rows, dtype=object), "has_image": np.array([im is not None for im in images]),
+             "images": images,
+             "turns": [[{"role": "user", "content": ("<image>\n" if images[i] else "") + "How many shapes are there?"
+                         + " Look." * (i % 5)},
                         {"role": "assistant", "content": f"There are {i % 4 + 1} shapes."}] for i in range(rows)],
              "source": np.array(["gpu-check"] * rows, dtype=object), "position": np.arange(rows)}
     sequences = transform(batch)
-    return collate({k: v[:2] for k, v in sequences.items()}, dtype=__import__("torch").bfloat16)
+    return collate({k: v[:2] for k, v in sequences.items()}, dtype=__import__("torch").bfloat16, varlen=varlen)
 
 
-def check_bf16() -> dict:
+def _families(qwen_tokenizer: str | None) -> dict:
+    """The tiny model of each family this machine can build: Qwen-VL needs the Qwen3 tokenizer."""
+    from vlit.config import ModelConfig
+
+    out = {"llava": ModelConfig(preset="tiny", dtype="bfloat16")}
+    if qwen_tokenizer and os.path.isdir(qwen_tokenizer):
+        for preset in ("tiny-qwen2.5-vl", "tiny-qwen3-vl"):
+            out[preset.removeprefix("tiny-")] = ModelConfig(preset=preset, tokenizer=qwen_tokenizer, dtype="bfloat16",
+                                                             max_len=1024)
+    return out
+
+
+def _on(batch: dict, device: str) -> dict:
     import torch
 
-    from vlit.config import ModelConfig, TrainConfig
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _forward(model, batch: dict):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
+                 image_grid_thw=batch.get("image_grid_thw"))
+
+
+def check_bf16(device: str, qwen_tokenizer: str | None) -> dict:
+    """One training step per family through the platform's trainable model and collate."""
+    import torch
+
+    from vlit.config import TrainConfig
     from vlit.model.build import build_model_and_processor
     from vlit.model.labels import IGNORE
     from vlit.model.parts import trainable_model
 
-    cfg = ModelConfig(preset="tiny", dtype="bfloat16")
-    model, _ = build_model_and_processor(cfg)
-    model = trainable_model(model, TrainConfig(output="/tmp/x")).cuda()
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _tiny_batch(cfg).items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], pixel_values=batch["pixel_values"])
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:],
-                                             ignore_index=IGNORE)
-    loss.backward()
-    optimizer.step()
-    torch.cuda.synchronize()
-    assert torch.isfinite(loss), f"loss {loss}"
-    return {"loss": round(float(loss), 4), "step_ms": round(1000 * (time.perf_counter() - start), 1),
-            "logits_dtype": str(logits.dtype)}
+    out = {}
+    for family, cfg in _families(qwen_tokenizer).items():
+        model, _ = build_model_and_processor(cfg)
+        model = trainable_model(model, TrainConfig(output="/tmp/x", trainable=["projector", "llm"])).to(device)
+        batch = _on(_tiny_batch(cfg), device)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        start = time.perf_counter()
+        logits = _forward(model, batch)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:],
+                                                 ignore_index=IGNORE)
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        assert torch.isfinite(loss), f"{family}: loss {loss}"
+        out[family] = {"loss": round(float(loss.detach()), 4), "step_ms": round(1000 * (time.perf_counter() - start), 1),
+                       "logits_dtype": str(logits.dtype)}
+    return out
 
 
-def check_attention() -> dict:
+def check_attention(device: str, qwen_tokenizer: str | None) -> dict:
+    """Per family, the packed batch's logits under sdpa with the block mask against
+    flash_attention_2 on the flattened (varlen) layout the trainer feeds it
+    (`model.attn_implementation: flash_attention_2`): the largest difference at real
+    tokens, relative to the largest logit (bf16 noise is ~1e-2)."""
     import torch
 
-    from vlit.config import ModelConfig
     from vlit.model.build import build_model_and_processor
+    from vlit.model.parts import EveryRankVision
 
-    cfg = ModelConfig(preset="tiny", dtype="bfloat16")
-    batch = _tiny_batch(cfg)
-    model, _ = build_model_and_processor(cfg)
-    model = model.cuda().eval()
-    inputs = {k: batch[k].cuda() for k in ("input_ids", "position_ids", "pixel_values")}
-    with torch.no_grad():
-        masked = model(**inputs, attention_mask=batch["attention_mask"].cuda()).logits
-    out = {"sdpa_block_mask": True}
-    if have("flash_attn"):
-        out["flash_attention_2"] = "skipped: flash-attn is not installed"
-        return out
-    model.config._attn_implementation = model.config.text_config._attn_implementation = "flash_attention_2"
-    with torch.no_grad():  # no mask: the kernel takes segments from the position ids' restarts
-        varlen = model(**inputs).logits
-    real = batch["segment_ids"].cuda() > 0
-    out["flash_attention_2_max_abs_diff"] = float((masked - varlen).abs()[real].max())
+    flash = not have("flash_attn") and device == "cuda"
+    out = {} if flash else {"flash_attention_2": "skipped: " + ("no GPU" if device != "cuda" else "flash-attn is not installed")}
+    for family, cfg in _families(qwen_tokenizer).items():
+        masked_batch, flat_batch = _on(_tiny_batch(cfg), device), _on(_tiny_batch(cfg, varlen=True), device)
+        model, _ = build_model_and_processor(cfg)
+        model = EveryRankVision(model.to(device).eval())
+        with torch.no_grad():
+            masked = _forward(model, masked_batch)[masked_batch["segment_ids"] > 0].float()
+            sdpa_varlen = _forward(model, flat_batch)[0].float()
+            row = {"sdpa_varlen_rel_diff": round(float((masked - sdpa_varlen).abs().max() / masked.abs().max()), 5)}
+            if flash:
+                model.model.set_attn_implementation("flash_attention_2")
+                varlen = _forward(model, flat_batch)[0].float()
+                row["flash_varlen_rel_diff"] = round(float((masked - varlen).abs().max() / masked.abs().max()), 5)
+        out[family] = row
     return out
 
 
@@ -191,7 +226,8 @@ def check_sft(seconds: float, work: str) -> dict:
                 "train.num_workers=1", "train.max_steps=4", "model.dtype=bfloat16", "ray.num_cpus=8"], seconds)
     if run.returncode != 0:
         raise RuntimeError(run.stderr[-2000:])
-    summary = json.loads(run.stdout[run.stdout.rindex("\n{"):])
+    # The job's closing summary starts a line; Ray's worker logs may follow it.
+    summary = json.JSONDecoder().raw_decode(run.stdout, run.stdout.rindex('{\n  "export"'))[0]
     return {"steps": summary["steps"], "loss": summary["loss"], "tokens_per_s": summary["tokens_per_s"],
             "seconds": round(time.monotonic() - start, 1)}
 
@@ -269,6 +305,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="where gpu_check.json goes (default: a temp folder)")
     parser.add_argument("--seconds", type=float, default=420.0, help="the whole run's budget")
+    parser.add_argument("--qwen-tokenizer", default=os.path.join(REPO, "..", "shared", "tokenizers", "qwen3"),
+                        help="the Qwen3 tokenizer folder the tiny Qwen-VL models use (absent: LLaVA only)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: run the bf16 and attention checks on CPU (a dry run of the script)")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="vlit-gpu-check-")
     os.makedirs(out, exist_ok=True)
@@ -281,10 +321,12 @@ def main() -> int:
 
     env = report["env"] = check_env()
     print(f"check env: {json.dumps(env)}", flush=True)
-    checks = [("bf16", check_bf16), ("attention", check_attention), ("mfu", lambda: check_mfu(min(90.0, left(0.3)))),
+    checks = [("bf16", lambda: check_bf16(args.device, args.qwen_tokenizer)),
+              ("attention", lambda: check_attention(args.device, args.qwen_tokenizer)),
+              ("mfu", lambda: check_mfu(min(90.0, left(0.3)))),
               ("sft", lambda: check_sft(left(0.5), work)), ("vllm", lambda: check_vllm(left(0.95), work))]
     for name, check in checks:
-        if env["gpu"] is None:
+        if env["gpu"] is None and not (args.device == "cpu" and name in ("bf16", "attention")):
             report[name] = {"skipped": "no GPU"}
         elif time.monotonic() > deadline:
             report[name] = {"skipped": "out of time"}

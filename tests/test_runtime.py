@@ -49,3 +49,15 @@ def test_keep_freed_memory_stops_each_step_faulting_its_memory_in_again():
     assert min(default["faults"][2:]) > 5000, default
     # Kept: after the first step the memory is reused.
     assert max(kept["faults"][2:]) < 0.05 * min(default["faults"][2:]), (default, kept)
+
+
+@pytest.mark.timeout(120)
+def test_embedded_ray_starts_under_a_workdir_too_long_for_its_sockets(tmp_path):
+    workdir = tmp_path / ("w" * 60)  # <workdir>/ray/session_.../sockets/plasma_store > 107 bytes
+    script = ("import sys, ray; from vlit.config import RayConfig; from vlit.runtime import init_ray; "
+              "init_ray(RayConfig(num_cpus=1, object_store_mb=128), workdir=sys.argv[1]); "
+              "print(ray.get(ray.put(41)) + 1); ray.shutdown()")
+    run = subprocess.run([sys.executable, "-c", script, str(workdir)], capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "42"
+    assert "too long for Ray's socket paths" in run.stderr

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.jobs import job_summary
 from support.s3 import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,18 +68,12 @@ def run_job(tmp: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=REPO, env=job_env(tmp), capture_output=True, text=True, timeout=timeout)
 
 
-def summary_of(stdout: str) -> dict:
-    """The job's closing JSON summary; Ray's worker logs may follow it on stdout."""
-    start = stdout.rindex('{\n  "pipeline_run_id"')
-    return json.JSONDecoder().raw_decode(stdout, start)[0]
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_stage")
     r = run_job(tmp, ALL_STAGES)
     assert r.returncode == 0, r.stderr[-6000:] + r.stdout[-3000:]
-    return {"tmp": tmp, "first": r, "summary": summary_of(r.stdout),
+    return {"tmp": tmp, "first": r, "summary": job_summary(r.stdout),
             "uri": f"sqlite:///{workdir(tmp)}/mlflow.db"}
 
 
@@ -147,7 +142,7 @@ def test_rerun_skips_every_stage_and_a_failing_gate_stops_the_job(job):
 
     again = run_job(job["tmp"], ALL_STAGES)
     assert again.returncode == 0, again.stderr[-4000:]
-    s = summary_of(again.stdout)
+    s = job_summary(again.stdout)
     assert s["ran"] == [] and len(s["skipped"]) == 9
     assert again.stdout.count("skipped: finished") == 9
     client = MlflowClient(tracking_uri=job["uri"])

@@ -155,6 +155,8 @@ class ModelConfig(_Strict):
     # The vision layer LLaVA takes its features from; None: the checkpoint's (tiny: -2).
     # Qwen-VL has no such setting: a value there is refused.
     vision_feature_layer: int | None = None
+    # sdpa / eager: packed rows kept apart by a block mask; flash_attention_2 (GPU, with
+    # flash-attn): each micro-batch flattened to its real tokens, no mask (model/collate.py).
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     dtype: Literal["float32", "bfloat16"] = "float32"
 

@@ -14,6 +14,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 
 
+# Ray puts Unix sockets at <temp>/session_<date>_<time>_<pid>/sockets/plasma_store, and a
+# socket path holds at most 107 bytes: the session part takes up to 63 of them.
+_SOCKET_TAIL = len("/session_2026-12-04_20-11-57_759466_4194304/sockets/plasma_store")
+
+
+def _ray_temp(workdir: str) -> str:
+    """<workdir>/ray, or, where that is too long for Ray's sockets, a short folder in the
+    system temp named after it (the same workdir always gets the same one)."""
+    import hashlib
+    import sys
+    import tempfile
+
+    temp = os.path.abspath(os.path.join(workdir, "ray"))
+    if len(temp) + _SOCKET_TAIL <= 107:
+        return temp
+    short = os.path.join(tempfile.gettempdir(), "vlit-ray-" + hashlib.sha1(temp.encode()).hexdigest()[:10])
+    print(f"[vlit] {temp} is too long for Ray's socket paths; Ray's session files go to {short}",
+          file=sys.stderr, flush=True)
+    return short
+
+
 def init_ray(cfg: RayConfig, workdir: str = ".vlit") -> None:
     """Join the configured cluster (or the job's, under `ray job submit`), or start an
     embedded one sized for this machine."""
@@ -25,7 +46,7 @@ def init_ray(cfg: RayConfig, workdir: str = ".vlit") -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         cores = os.cpu_count() or 2
-        temp = os.path.abspath(os.path.join(workdir, "ray"))
+        temp = _ray_temp(workdir)
         os.makedirs(temp, exist_ok=True)
         ray.init(
             num_cpus=cfg.num_cpus or max(4, 2 * cores),

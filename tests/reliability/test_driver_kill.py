@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_two_stage import job_env, small, summary_of  # noqa: E402
+from support.jobs import job_summary  # noqa: E402
+from test_two_stage import job_env, small  # noqa: E402
 
 
 @pytest.mark.timeout(900)
@@ -48,5 +49,5 @@ def test_killed_driver_resumes_at_the_unfinished_stage(tmp_path):
     assert "[vlit sft1] running" in out
     resumed = [line for line in out.splitlines() if "[vlit train] resuming from checkpoint" in line]
     assert resumed and int(resumed[0].rsplit(" ", 1)[-1]) >= 3
-    s = summary_of(again.stdout)
+    s = job_summary(again.stdout)
     assert s["ran"] == ["sft1", "eval_sft1"] and s["stages"]["sft1"]["steps"] == 12

@@ -18,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from support.jobs import job_summary
 from vlit.config import Config, ModelConfig, PrepareConfig
 from vlit.corpus.prepare import prepare_corpus
 from vlit.lineage import tracking_uri
@@ -87,7 +88,7 @@ def test_jobs_sft_trains_a_qwen_checkpoint_folder_with_zero2(checkpoint, sample,
                           *_overrides(tmp_path, checkpoint, sample, sample_dir, **{"train.zero_stage": 2})],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=560)
     assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads(run.stdout[run.stdout.rindex("\n{") + 1:])
+    summary = job_summary(run.stdout)
     assert summary["steps"] == STEPS
     cfg = Config.model_validate({"run": {"workdir": str(tmp_path / "work")}, "corpus": {"out": "x"}})
     losses = _losses(cfg, summary["mlflow_run_id"])

@@ -2,9 +2,12 @@
 
 Attention stays within each packed row through a 4D additive block-diagonal causal mask
 ([B, 1, L, L], 0 = attend, dtype-min = masked), which transformers passes through
-unchanged to SDPA and eager attention. With flash-attn installed (GPU), the varlen
-kernel does the same from position_ids alone (transformers detects the restarts), at no
-O(L^2) mask cost; that path is not exercised here (CPU).
+unchanged to SDPA and eager attention. With `varlen` (`model.attn_implementation:
+flash_attention_2`) the micro-batch is flattened instead: one row of its real tokens, no
+mask, the position ids restarting at every segment, from which transformers finds the
+segments (flash-attn's varlen kernel through cu_seqlens, at no O(L^2) mask cost; SDPA
+builds the same block mask from them, which is how the CPU tests check this path). Qwen-VL
+then takes four position rows: the text positions first, then its three mRoPE rows.
 """
 from __future__ import annotations
 
@@ -26,7 +29,25 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.floa
     return mask[:, None]
 
 
-def collate(rows: dict, dtype: torch.dtype = torch.float32) -> dict:
+def _flatten(out: dict, segment_ids: torch.Tensor) -> dict:
+    """The micro-batch as one row of its real tokens (see the module doc)."""
+    real = segment_ids > 0
+    # Segments of different rows must stay apart: number them across the batch.
+    offset = torch.cumsum(segment_ids.max(dim=1).values, 0) - segment_ids.max(dim=1).values
+    flat = {k: out[k][real][None] for k in ("input_ids", "labels", "token_task")}
+    flat["segment_ids"] = (segment_ids + offset[:, None])[real][None]
+    positions = out["position_ids"]
+    if positions.ndim == 2:  # LLaVA: [B, L] -> [1, N]
+        flat["position_ids"] = positions[real][None]
+    else:  # Qwen-VL: [3, B, L] -> [4, 1, N], the text positions first
+        starts = torch.cat([torch.ones(1, dtype=torch.bool), flat["segment_ids"][0, 1:] != flat["segment_ids"][0, :-1]])
+        index = torch.arange(starts.numel())
+        text = index - torch.cummax(torch.where(starts, index, 0), 0).values
+        flat["position_ids"] = torch.cat([text[None, None], positions[:, real][:, None]])
+    return {**out, **flat}
+
+
+def collate(rows: dict, dtype: torch.dtype = torch.float32, varlen: bool = False) -> dict:
     """Sequences from `SFTTransform` -> input_ids, attention_mask, position_ids, labels,
     pixel_values (None when no sequence has an image), plus segment_ids, `tasks` (the
     batch's task names) and `token_task` (index into `tasks` per token, -1 on padding).
@@ -48,7 +69,7 @@ def collate(rows: dict, dtype: torch.dtype = torch.float32) -> dict:
     images = [np.asarray(p, dtype=np.float32) for p, n in zip(rows["pixel_values"], rows["num_images"]) if n > 0]
     out = {
         **take,
-        "attention_mask": block_causal_mask(take["segment_ids"], dtype),
+        "attention_mask": None if varlen else block_causal_mask(take["segment_ids"], dtype),
         "pixel_values": torch.as_tensor(np.concatenate(images)).to(dtype) if images else None,
         "token_task": torch.as_tensor(token_task),
         "tasks": tasks,
@@ -56,4 +77,4 @@ def collate(rows: dict, dtype: torch.dtype = torch.float32) -> dict:
     if "image_grid_thw" in rows:  # Qwen-VL: each image's patch grid, in the pixels' order
         grids = [np.asarray(g, np.int64).reshape(-1, 3) for g, n in zip(rows["image_grid_thw"], rows["num_images"]) if n]
         out["image_grid_thw"] = torch.as_tensor(np.concatenate(grids)) if grids else None
-    return out
+    return _flatten(out, take["segment_ids"]) if varlen else out

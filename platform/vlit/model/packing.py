@@ -110,7 +110,8 @@ def assemble(encoded: list[Encoded], keys: list[str], images: list[Pixels | None
             at = end
         mine = [images[i] for i in group if images[i] is not None]
         values = [v for p in mine for v in p.values]
-        pixel_values.append(np.concatenate(values) if rope_rows > 1 else np.stack(values) if values else None)
+        # Qwen-VL's patches concatenate ([patches, dim] per image); LLaVA's images stack.
+        pixel_values.append(None if not values else np.concatenate(values) if rope_rows > 1 else np.stack(values))
         grids.append(np.array([g for p in mine for g in (p.grids or [])], np.int64).reshape(-1, 3))
         counts.append(sum(len(p.values) for p in mine))
         tasks.append([encoded[i].task for i in group])

@@ -112,33 +112,45 @@ class EveryRankVision(nn.Module):
                 repeat_images: int = 1):
         """`repeat_images=k`: the batch is k groups of sequences that hold the same images in
         the same order (DPO: the chosen responses, then the rejected ones); each image is
-        encoded once and its features fill its place in all k groups."""
+        encoded once and its features fill its place in all k groups. No KV cache: training
+        never reads one, and transformers finds packed segments from the positions only
+        without one (the varlen layout, model/collate.py)."""
         has_images = pixel_values is not None and len(pixel_values) > 0
         if has_images:
             out = self._features(pixel_values, image_grid_thw)
         else:
             out = self._features(self.blank_image, self.blank_grid)
         features = list(out.pooler_output) * (repeat_images if has_images else 1)
-        embeds = self.model.get_input_embeddings()(input_ids)
+        # Every rank must call the same modules in the same order whatever its batch holds:
+        # ZeRO-3 records the first step's order and prefetches (all-gathers) by it, so a
+        # text-only batch calls them as its family's image batch does, below (LLaVA: the
+        # embedding table, then the model on embeddings; Qwen-VL: the model on ids), and
+        # the blank image's features enter the graph times 0.
+        embed = self.model.get_input_embeddings()
         if not has_images:
             zero = 0.0 * sum(f.sum() for f in features)
             for layer in getattr(out, "deepstack_features", None) or []:
                 zero = zero + 0.0 * sum(f.sum() for f in layer)
-            return self.model(inputs_embeds=embeds + zero, attention_mask=attention_mask,
-                              position_ids=position_ids).logits
+            if self.family == LLAVA:
+                return self.model(inputs_embeds=embed(input_ids) + zero, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).logits + zero
         at_images = input_ids == self.image_token_id
         count = sum(int(f.shape[0]) for f in features)
         if int(at_images.sum()) != count:
             raise ValueError(f"{int(at_images.sum())} image tokens in the batch but {count} image feature vectors "
                              f"({len(out.pooler_output)} images)")
         if self.family == LLAVA:
+            embeds = embed(input_ids)
             embeds = embeds.masked_scatter(at_images.unsqueeze(-1).expand_as(embeds), torch.cat(features).to(embeds.dtype))
-            return self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+            return self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).logits
         out.pooler_output = features
         if getattr(out, "deepstack_features", None):
             out.deepstack_features = [list(layer) * repeat_images for layer in out.deepstack_features]
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          mm_encoder_outputs={"image": out}).logits
+                          mm_encoder_outputs={"image": out}, use_cache=False).logits
 
 
 def trainable_model(model: nn.Module, train: TrainConfig) -> EveryRankVision:

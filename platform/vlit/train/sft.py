@@ -24,13 +24,14 @@ AUDIT_PREFIX = "supervised_tokens/"
 
 
 class _Collate(NumpyBatchCollateFn):
-    """The model's `collate` as Ray Data's collate hook; `dtype` is the attention mask's."""
+    """The model's `collate` as Ray Data's collate hook; `dtype` is the attention mask's;
+    `varlen`: one flattened row for flash-attn's varlen kernel (model/collate.py)."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, varlen: bool = False):
+        self.dtype, self.varlen = dtype, varlen
 
     def __call__(self, batch: dict) -> dict:
-        return collate(batch, self.dtype)
+        return collate(batch, self.dtype, self.varlen)
 
 
 class SFTStep(Step):
@@ -47,7 +48,7 @@ class SFTStep(Step):
         self.supervised = [0.0] * len(self.tasks)
 
     def collate(self, dtype):
-        return _Collate(dtype)
+        return _Collate(dtype, varlen=self.cfg.model.attn_implementation == "flash_attention_2")
 
     def loss(self, engine, batch):
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
