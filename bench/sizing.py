@@ -1,13 +1,13 @@
 """Stage 1 on paper: GPUs and hours for the full Vision-Flan corpus (1,664,261 instances)
 with a 7B and a 13B LLaVA-1.5, from tokens per instance measured on the real sample.
 
-    python bench/sizing.py --tokenizer PATH [--sample ../shared/vision-flan-sample] [--mfu 0.4]
+    python bench/sizing.py [--tokenizer ../shared/tokenizers/llama2] [--sample ../shared/vision-flan-sample] [--mfu 0.4]
 
-PATH is LLaMA-2's tokenizer (Vicuna v1.5's vocabulary, as in LLaVA-1.5): a `tokenizer.json`
-file or a Hugging Face model folder (a llava-1.5 checkpoint). Measured with vlit's own path:
-`vlit corpus prepare` on the sample, then `model.labels.encode_row` with the vicuna_v1
-template and a LLaVA processor at 336 px / patch 14, so `<image>` is the 576 tokens
-LLaVA-1.5 feeds the LLM (CLIP ViT-L/14-336: 24 x 24 patches).
+--tokenizer is LLaMA-2's tokenizer folder (Vicuna v1.5's vocabulary, as in LLaVA-1.5) or
+a llava-1.5 checkpoint folder. Measured with vlit's own path: `vlit corpus prepare` on
+the sample, then `model.labels.encode_row` with the vicuna_v1 template and a LLaVA
+processor at 336 px / patch 14, so `<image>` is the 576 tokens LLaVA-1.5 feeds the LLM
+(CLIP ViT-L/14-336: 24 x 24 patches).
 
 Compute: 6 FLOPs per trained parameter per token (forward + backward) for the LLM and the
 projector (the projector on image tokens only), 2 per parameter per patch for the frozen
@@ -55,13 +55,17 @@ def gpu_hours(flops: float, mfu: float, peak: float = H100_BF16_PEAK) -> float:
 
 
 def processor_for(tokenizer_path: str):
-    from transformers import AutoProcessor, CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+    """LLaVA-1.5's processor: a llava-1.5 checkpoint folder's own, or LLaMA-2's tokenizer
+    folder with `<image>` (id 32000) and a pad token added, CLIP at 336 px / patch 14."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor
 
-    if os.path.isdir(tokenizer_path):
-        return AutoProcessor.from_pretrained(tokenizer_path)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=tokenizer_path, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<unk>",
-                                        extra_special_tokens={"image_token": "<image>"})
+    from vlit.model.build import load_processor
+
+    if os.path.exists(os.path.join(tokenizer_path, "config.json")):
+        return load_processor(tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
@@ -69,17 +73,15 @@ def processor_for(tokenizer_path: str):
 
 
 def measure(sample: Path, tokenizer_path: str) -> dict:
-    """Tokens per instance of the sample through vlit's prepare, template and encode path.
-
-    A row's length is its whole rendered conversation, tokenized, with BOS and `<image>`
-    expanded: what `encode_row` returns for the rows it accepts (checked here row by row).
-    It also counts the rows `encode_row` quarantines with this tokenizer, and why."""
+    """Tokens per instance of the sample through vlit's prepare, template and encode path:
+    each row's `encode_row` input ids (vicuna_v1, LLaVA-1.5's preprocessing token for
+    token: BOS, the image first and expanded), and the rows it quarantines, and why."""
     from vlit.config import LossConfig, ModelConfig, PrepareConfig
     from vlit.corpus.prepare import prepare_corpus
     from vlit.versions import CorpusVersion
     from vlit.model.families import num_image_tokens
     from vlit.model.labels import IGNORE, encode_row
-    from vlit.model.templates import EncodeError, render
+    from vlit.model.templates import EncodeError
 
     processor = processor_for(tokenizer_path)
     tokenizer, per_image = processor.tokenizer, num_image_tokens(processor)
@@ -89,31 +91,26 @@ def measure(sample: Path, tokenizer_path: str) -> dict:
         rows = CorpusVersion.open(summary["version"]).read_table().to_pylist()
     lengths, supervised, images, quarantined = [], [], 0, {}
     for row in rows:
-        pieces = render([(t["role"], t["content"]) for t in row["turns"]], model_cfg.template, tokenizer.eos_token)
-        ids = tokenizer("".join(p.text for p in pieces), add_special_tokens=False)["input_ids"]
-        n_images = ids.count(processor.image_token_id)
-        length = len(ids) + (tokenizer.bos_token_id is not None) + n_images * (per_image - 1)
-        lengths.append(length)
-        images += n_images > 0
         try:
             enc = encode_row(row, processor, model_cfg, LossConfig(target="response"), None)
         except EncodeError as e:
             quarantined[e.reason] = quarantined.get(e.reason, 0) + 1
             continue
-        assert len(enc.input_ids) == length, (row["task"], len(enc.input_ids), length)
+        lengths.append(len(enc.input_ids))
+        images += row["image"] is not None
         supervised.append(int((enc.labels != IGNORE).sum()))
     lengths.sort()
     return {"rows": len(rows), "tasks": len({r["task"] for r in rows}), "quarantined": quarantined,
-            "image_tokens": per_image, "image_fraction": images / len(rows),
+            "image_tokens": per_image, "image_fraction": images / len(lengths),
             "mean": statistics.fmean(lengths), "median": statistics.median(lengths),
             "p90": lengths[int(0.9 * (len(lengths) - 1))], "max": lengths[-1],
-            "supervised_mean": statistics.fmean(supervised) if supervised else float("nan"),
-            "vocab": len(tokenizer)}
+            "supervised_mean": statistics.fmean(supervised), "vocab": len(tokenizer)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", required=True, help="LLaMA-2 tokenizer.json, or a llava-1.5 model folder")
+    parser.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "tokenizers" / "llama2"),
+                        help="LLaMA-2's tokenizer folder, or a llava-1.5 checkpoint folder")
     parser.add_argument("--sample", default=str(REPO.parent / "shared" / "vision-flan-sample"))
     parser.add_argument("--instances", type=int, default=CORPUS_INSTANCES)
     parser.add_argument("--epochs", type=int, default=1)
@@ -123,7 +120,7 @@ def main() -> int:
     m = measure(Path(args.sample), args.tokenizer)
     print(f"sample: {m['rows']} rows over {m['tasks']} tasks; tokenizer vocab {m['vocab']}; "
           f"<image> = {m['image_tokens']} tokens; {m['image_fraction']:.0%} rows with an image")
-    print(f"tokens per instance (vicuna_v1 template, BOS, image expanded): mean {m['mean']:.1f}, "
+    print(f"tokens per instance (vicuna_v1 as LLaVA-1.5 preprocesses it, image expanded): mean {m['mean']:.1f}, "
           f"median {m['median']:.0f}, p90 {m['p90']}, max {m['max']}")
     print(f"encode_row with this tokenizer: {m['rows'] - sum(m['quarantined'].values())} rows accepted "
           f"(supervised response tokens: mean {m['supervised_mean']:.1f}), quarantined {m['quarantined'] or 'none'}")

@@ -125,59 +125,12 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    """What the model trains on, row by row: the rendered text, the token ids, which are
-    supervised and how many tokens the image takes (`--json`: a list of those)."""
-    from vlit.corpus.images import decode_image, read_image_bytes
-    from vlit.model.build import build_processor
-    from vlit.model.families import pixels
-    from vlit.model.labels import IGNORE, encode_row
-    from vlit.model.templates import EncodeError, resolve
-    from vlit.versions import CorpusVersion
+    """What the model trains on, row by row (vlit/model/render.py)."""
+    from vlit.model.render import encode_rows, report
 
     cfg = load_config(args.file, args.overrides)
-    version = CorpusVersion.open(args.version)
-    processor = build_processor(cfg.model)
-    templates = None
-    if cfg.loss.target == "l2t":
-        from vlit.corpus.template_text import template_text
-        from vlit.runtime import init_ray
-
-        init_ray(cfg.ray, cfg.run.workdir)
-        templates = template_text(version, cfg.loss)
-    template = resolve(cfg.model.template, processor)
-    out = []
-    for row in version.read_table(columns=["id", "key", "task", "turns", "image"]).slice(0, args.rows).to_pylist():
-        tokens = pixels(processor, [decode_image(read_image_bytes(row["image"]))]).tokens if row["image"] else None
-        try:
-            enc = encode_row(row, processor, cfg.model, cfg.loss, templates, tokens)
-        except EncodeError as e:
-            out.append({"id": row["id"], "key": row["key"], "error": f"{e.reason}: {e.detail}"})
-            continue
-        out.append({"id": row["id"], "key": row["key"], "task": row["task"], "template": template, "text": enc.text,
-                    "input_ids": enc.input_ids.tolist(), "labels": enc.labels.tolist(),
-                    "image_tokens": int(sum(tokens or [0]))})
-    if args.json:
-        print(json.dumps(out))
-        return 0
-    decode = processor.tokenizer.decode
-    for r in out:
-        if "error" in r:
-            print(f"== row {r['id']} (key {r['key']}): not trained on: {r['error']}\n")
-            continue
-        ids, labels = r["input_ids"], r["labels"]
-        on = [i for i, label in enumerate(labels) if label != IGNORE]
-        runs, start = [], None
-        for a, b in zip(on, on[1:] + [None]):
-            start = a if start is None else start
-            if b != a + 1:
-                runs.append(decode(ids[start:a + 1]))
-                start = None
-        print(f"== row {r['id']} (task {r['task']}, template {r['template']}): {len(ids)} tokens, "
-              f"{r['image_tokens']} image tokens, {len(on)} supervised")
-        print(f"text:        {r['text']!r}")
-        print("supervised:  " + " | ".join(repr(x) for x in runs))
-        print(f"input_ids:   {ids}")
-        print(f"labels:      {labels}\n")
+    processor, rows = encode_rows(cfg, args.version, args.rows)
+    print(json.dumps(rows) if args.json else report(rows, processor.tokenizer.decode), end="\n" if args.json else "")
     return 0
 
 

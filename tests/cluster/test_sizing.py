@@ -27,12 +27,8 @@ def test_flops_and_hours(sizing):
     assert extra == pytest.approx(6 * projector * 576 + 2 * sizing.VISION_PARAMS * 577)
 
 
-def test_measure_on_the_sample(sizing, sample_dir, tmp_path):
-    """Lengths from the rendered conversation equal encode_row's (checked inside measure)."""
-    from vlit.model.tokenizer import build_tiny_tokenizer
-
-    path = tmp_path / "tokenizer.json"
-    build_tiny_tokenizer().backend_tokenizer.save(str(path))
-    m = sizing.measure(sample_dir, str(path))
-    assert m["rows"] == 204 and m["image_tokens"] == 576 and m["quarantined"] == {}
-    assert m["mean"] > 576 and m["max"] >= m["p90"] >= m["median"]
+def test_measure_on_the_sample(sizing, sample_dir, tokenizers_dir):
+    """encode_row's lengths with the real LLaMA-2 tokenizer: every sample row accepted."""
+    m = sizing.measure(sample_dir, str(tokenizers_dir / "llama2"))
+    assert m["rows"] == 204 and m["image_tokens"] == 576 and m["quarantined"] == {} and m["vocab"] == 32002
+    assert m["mean"] > 576 and m["max"] >= m["p90"] >= m["median"] and m["supervised_mean"] > 0

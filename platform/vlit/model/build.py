@@ -137,7 +137,26 @@ def load_processor(path: str):
     """The processor of a checkpoint folder: LLaVA's through the Auto class, Qwen-VL's
     without its video processor (vlit/model/qwen.py)."""
     family = family_of(AutoConfig.from_pretrained(path))
-    return AutoProcessor.from_pretrained(path) if family == LLAVA else qwen.load_processor(path, family)
+    processor = AutoProcessor.from_pretrained(path) if family == LLAVA else qwen.load_processor(path, family)
+    processor.checkpoint_tokenizer_config = _kept_tokenizer_keys(path)
+    return processor
+
+
+# transformers 5 loads a LLaVA folder's tokenizer as the generic TokenizersBackend (the
+# llava model type maps to no tokenizer class), which reads tokenizer.json as it is, and
+# saves `tokenizer_class: TokenizersBackend` without `legacy`: other tools could not load
+# the export, and LlamaTokenizer would load it in the other legacy mode (other ids).
+# The export keeps these keys of the checkpoint's tokenizer_config.json.
+KEPT_TOKENIZER_KEYS = ("tokenizer_class", "legacy")
+
+
+def _kept_tokenizer_keys(path: str) -> dict:
+    config = os.path.join(path, "tokenizer_config.json")
+    if not os.path.exists(config):
+        return {}
+    with open(config) as f:
+        data = json.load(f)
+    return {k: data[k] for k in KEPT_TOKENIZER_KEYS if k in data}
 
 
 def build_processor(cfg: ModelConfig):
@@ -191,14 +210,23 @@ def initial_model(cfg: Config):
 def export_model(model, processor, uri: str, template: str | None = None) -> None:
     """`save_pretrained` (safetensors) of model and processor to a folder or s3:// prefix.
     A tokenizer without a chat template gets `template`'s (model/templates.py), so the
-    export formats prompts as it was trained wherever it is loaded."""
+    export formats prompts as it was trained wherever it is loaded; a processor from a
+    checkpoint folder keeps its tokenizer class (KEPT_TOKENIZER_KEYS)."""
     from vlit.model.templates import CHAT_TEMPLATES
 
     if template in CHAT_TEMPLATES and not getattr(processor, "chat_template", None):
         processor.chat_template = processor.tokenizer.chat_template = CHAT_TEMPLATES[template]
     if not storage.is_s3(uri):
-        model.save_pretrained(storage.normalize(uri), safe_serialization=True)
-        processor.save_pretrained(storage.normalize(uri))
+        folder = storage.normalize(uri)
+        model.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+        kept = getattr(processor, "checkpoint_tokenizer_config", None)
+        if kept:
+            config = os.path.join(folder, "tokenizer_config.json")
+            with open(config) as f:
+                data = json.load(f)
+            with open(config, "w") as f:
+                json.dump({**data, **kept}, f, indent=2, ensure_ascii=False)
         return
     with tempfile.TemporaryDirectory() as tmp:
         export_model(model, processor, tmp)
