@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo bench cluster-check clean
+.PHONY: setup test demo cluster-demo bench cluster-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml Makefile
 	# vLLM's Python layer in a folder of its own (not the venv): Ray Serve LLM imports it,
 	# and a CPU test builds LLMServer deployments with it (tests/serve/test_llm.py).
 	$(PY) tests/support/vllm_python.py $(VENV)/vllm-python
+	# Headless Chromium (Debian's package, ~2 min) for the tests that look at the run report
+	# and the MLflow UI as a person would (tests/test_run_report.py); installed where missing.
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 	touch $(STAMP)
 
 test: setup
@@ -36,6 +39,11 @@ test: setup
 
 demo: setup
 	$(PY) jobs/two_stage.py --config configs/demo.yaml
+
+# The demo job on a Ray head and two worker nodes on this machine, S3 and MLflow on
+# PostgreSQL on loopback (README, "A multi-node cluster on this machine"); tears it down.
+cluster-demo: setup
+	$(PY) tests/support/topology.py demo
 
 bench: setup
 	$(PY) bench/prepare_bench.py --instances 100000

@@ -5,7 +5,7 @@
 """
 import sys
 
-from vlit.cli import job_main
+from vlit.entrypoint import job_main
 from vlit.pipeline import dpo_stage
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ On Kubernetes a RayService runs the same application from `vlit config serve FIL
 """
 import sys
 
-from vlit.cli import job_main
+from vlit.entrypoint import job_main
 from vlit.serve.app import run_serve
 
 if __name__ == "__main__":

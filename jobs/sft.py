@@ -6,7 +6,7 @@ Stage 2 is the same job with `train.init_from=<stage 1 export>` (see configs/two
 """
 import sys
 
-from vlit.cli import job_main
+from vlit.entrypoint import job_main
 from vlit.pipeline import sft_stage
 
 if __name__ == "__main__":

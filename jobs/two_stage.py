@@ -4,8 +4,8 @@
 """
 import sys
 
-from vlit.cli import job_main
-from vlit.two_stage import run
+from vlit.entrypoint import job_main
+from vlit.two_stage import closing, run
 
 if __name__ == "__main__":
-    sys.exit(job_main("two_stage", __doc__.split("\n")[0], run))
+    sys.exit(job_main("two_stage", __doc__.split("\n")[0], run, closing))

@@ -52,3 +52,18 @@ def test_bad_override_syntax_and_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("corpus: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_dpo_without_pairs_of_its_own_takes_the_align_stage_responses(tmp_path):
+    """The demo's dpo has no pairs source: the job builds them from align's judged
+    responses. Without align in the stages that is an error at load; a DPO job on its own
+    (jobs/dpo.py) stops before any work with the sources it could take."""
+    from vlit.pipeline import pairs_stage
+
+    assert load_config("configs/demo.yaml").pipeline.stages[-1] == "dpo"
+    with pytest.raises(ConfigError, match="add align to pipeline.stages"):
+        load_config("configs/demo.yaml", ["pipeline.stages=[sft1,dpo]"])
+    with pytest.raises(ConfigError, match="at most one of dpo.pairs"):
+        load_config("configs/demo.yaml", ["dpo.pairs=/x", "dpo.feedback=[/y]"])
+    with pytest.raises(ConfigError, match="only the two-stage job"):
+        pairs_stage(load_config("configs/demo.yaml", [f"dpo.pairs_out={tmp_path}"]))

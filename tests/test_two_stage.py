@@ -42,8 +42,8 @@ def small(tmp: Path, stages: str = "[sft1,align,sft2]") -> list[str]:
         "pipeline.overrides.sft2={train.max_steps: 2, train.materialize: true, train.micro_batch_size: 1}",
         "pipeline.overrides.dpo={train.max_steps: 2}",
         "loops.feedback.prompts=12", "loops.alignment.size=8",
-        "eval.images=2", "eval.batch_size=8", "eval.gates={mme.acc: 0.0}",
-        f"dpo.pairs_out={tmp}/store/pairs", f"dpo.cache={tmp}/store/reference_cache", "dpo.synth.prompts=8",
+        "eval.images=2", "eval.batch_size=8", "eval.gates={synthetic.mme.acc: 0.0}",
+        f"dpo.pairs_out={tmp}/store/pairs", f"dpo.cache={tmp}/store/reference_cache",
         f"serve.http.port={free_port()}",
     ]
 
@@ -96,6 +96,39 @@ def test_job_runs_every_stage_and_prints_its_table(job):
 
 
 @pytest.mark.timeout(900)
+def test_job_shows_progress_quietly_and_ends_with_its_tables_and_report(job):
+    from support.browser import CHROMIUM, page
+
+    s, out, err = job["summary"], job["first"].stdout, job["first"].stderr
+    # Progress: the job's stage n of m, and training steps (rank 0's plain lines through
+    # Ray's log forwarding; this size's evaluations end before a progress interval).
+    assert "[vlit sft1] running (stage 3/9, key" in out and "[vlit eval_dpo] running (stage 9/9, key" in out
+    assert re.search(r"\[vlit sft\] \d+/4 steps \(\d+%\) loss \d\.\d{3} tokens/s \d", out), out[-3000:]
+    # Quiet: none of the known-harmless lines (vlit.runtime.HARMLESS), in either stream.
+    for noise in ("PlacementGroupCleaner", "PYTHON worker processes have been started", "Setting accelerator to CPU",
+                  "FutureWarning", "Processing zero checkpoint", "Loading weights:"):
+        assert noise not in out + err, [line for line in (out + err).splitlines() if noise in line][:3]
+    # The output ends with the tables, where the report is and how to open the runs.
+    tail = out.rstrip().splitlines()[-3:]
+    assert tail[0].startswith("[vlit report] ") and tail[1].startswith("[vlit done] ") or \
+        tail[1].startswith("[vlit report] ") and tail[2].startswith("[vlit done] "), tail
+    assert s["report"] == str(job["tmp"] / "store" / "jobs" / "report.html") and os.path.exists(s["report"])
+    assert f"[vlit report] {s['report']}" in out
+    assert "?workflowType=machine_learning" in out  # the runs table, not MLflow's GenAI overview
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (`make setup` installs it)")
+    dom = page(Path(s["report"]).as_uri(), job["tmp"] / "report.png")
+    # Training, held-out accuracy per family, the alignment set's two pictures, DPO.
+    assert 'data-charts-rendered="5" data-charts="5"' in dom, dom[:3000]
+    for title in ("Stages", "Training", "Held-out accuracy per family", "Alignment set", "DPO", "Lineage"):
+        assert f"<h2>{title}</h2>" in dom
+    dpo = s["stages"]["dpo"]
+    assert f"reward accuracy {dpo['reward_accuracy']:.3f}" in dom and f"{dpo['loss']:.4f}" in dom
+    assert "model demo-sft2 version 1" in dom and s["stages"]["align"]["digest"] in dom
+    assert dom.index("model demo-sft1 ") < dom.index("model demo-sft2 ") < dom.index("model demo-dpo ")  # job order
+
+
+@pytest.mark.timeout(900)
 def test_lineage_in_mlflow_from_dataset_version_to_model(job):
     from mlflow.tracking import MlflowClient
 
@@ -112,11 +145,15 @@ def test_lineage_in_mlflow_from_dataset_version_to_model(job):
         run = client.get_run(stages[stage]["mlflow_run_id"])
         assert [d.dataset.digest for d in run.inputs.dataset_inputs if d.dataset.name == "corpus"] == \
             [stages[data]["digest"]]
-        assert run.data.metrics["mme.acc"] == stages[stage]["metrics"]["mme.acc"]  # evaluated on its own run
+        metric = "synthetic.mme.acc"
+        assert run.data.metrics[metric] == stages[stage]["metrics"][metric]  # evaluated on its own run
         mv = client.get_model_version(f"demo-{stage}", stages[stage]["model_version"])
-        assert mv.run_id == run.info.run_id and mv.source == stages[stage]["export"]
+        # Registered from the export's LoggedModel, which the run lists among its outputs.
+        assert mv.run_id == run.info.run_id and mv.tags["vlit.export"] == stages[stage]["export"]
+        assert mv.source.startswith("models:/m-") and mv.source[len("models:/"):] in \
+            [o.model_id for o in run.outputs.model_outputs]
         assert mv.tags["vlit.input.digest"] == stages[data]["digest"] and mv.tags["vlit.checkpoint"]
-        # Gates (mme.acc >= 0) passed: the version carries the alias.
+        # Gates (synthetic.mme.acc >= 0) passed: the version carries the alias.
         assert client.get_model_version_by_alias(f"demo-{stage}", "champion").version == mv.version
 
     chain_json = job["tmp"] / "chain.json"
@@ -136,6 +173,34 @@ def test_lineage_in_mlflow_from_dataset_version_to_model(job):
     assert main(["lineage", "demo-nosuch", "--tracking-uri", job["uri"]]) == 2
 
 
+@pytest.mark.timeout(300)
+def test_dpo_trains_on_pairs_from_the_align_stage_judged_responses(job, capsys):
+    """model version -> pairs version -> the align stage's judged responses -> the corpus."""
+    from vlit.cli import main
+    from vlit.versions import PairsVersion
+
+    stages = job["summary"]["stages"]
+    pairs = PairsVersion.open(stages["dpo"]["data"])
+    responses = stages["align"]["responses"]
+    assert pairs.manifest["responses"] == responses and pairs.manifest["judge"] == "reference"
+    assert pairs.manifest["generators"] == ["tiny", "oracle"] and pairs.rows > 0
+    # The demo's judge rates two aspects: pairs by their mean, ethics null in the ratings.
+    assert pairs.manifest["aspects"] == ["Helpfulness", "Visual Faithfulness"]
+    chosen = pairs.read_table().to_pylist()[0]
+    assert chosen["chosen_ratings"][2] is None and chosen["chosen_score"] > chosen["rejected_score"]
+    assert 0.0 <= stages["dpo"]["reward_accuracy"] <= 1.0
+    line = next(l for l in job["first"].stdout.splitlines() if l.startswith("dpo "))
+    assert f"{stages['dpo']['reward_accuracy']:.3f}" in line
+
+    assert main(["lineage", "demo-dpo@champion", "--tracking-uri", job["uri"], "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    pairs_input = next(d for d in chain["inputs"] if d["name"] == "pairs")
+    assert pairs_input["digest"] == pairs.digest
+    (jsonl,) = pairs_input["from"]
+    assert jsonl["source"] == f"{responses}/responses.jsonl"
+    assert [o["source"] for o in jsonl["from"]] == [stages["corpus"]["version"]]
+
+
 @pytest.mark.timeout(900)
 def test_rerun_skips_every_stage_and_a_failing_gate_stops_the_job(job):
     from mlflow.tracking import MlflowClient
@@ -150,9 +215,9 @@ def test_rerun_skips_every_stage_and_a_failing_gate_stops_the_job(job):
 
     # Same stages (all skipped), a gate no model passes: exit 3 with the metric, value and
     # threshold; the stage's run records the verdict.
-    failed = run_job(job["tmp"], ALL_STAGES, "eval.gates={mme.acc: 1.01}")
+    failed = run_job(job["tmp"], ALL_STAGES, "eval.gates={synthetic.mme.acc: 1.01}")
     assert failed.returncode == 3
-    assert "stage sft1 failed its evaluation gates: mme.acc = " in failed.stderr and "threshold 1.01" in failed.stderr
+    assert "stage sft1 failed its evaluation gates: synthetic.mme.acc = " in failed.stderr and "threshold 1.01" in failed.stderr
     run = client.get_run(job["summary"]["stages"]["sft1"]["mlflow_run_id"])
     assert run.data.tags["vlit.gate"] == "failed"
 

@@ -16,7 +16,9 @@
     vlit cluster sync [FILE ...] [--root DIR]
     vlit eval sets FILE [key=value ...]
     vlit eval run FILE [--model URI] [--stage S] [--run-id ID] [--baseline JSON] [--gate] [key=value ...]
+    vlit eval score PREDICTIONS...
     vlit lineage MODEL[@ALIAS | /VERSION] [--tracking-uri URI] [--json]
+    vlit report JOB_OUT
 """
 from __future__ import annotations
 
@@ -29,37 +31,6 @@ from vlit.config import ConfigError, PrepareConfig, load_config
 
 def _print(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def job_main(name: str, description: str, stage) -> int:
-    """The body of every jobs/*.py entry point: `--config FILE [key.path=value ...]`, a config
-    error exits 2 naming the key, and the stage's summary is printed as JSON."""
-    parser = argparse.ArgumentParser(prog=name, description=description)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key.path=value")
-    args = parser.parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 2
-    from vlit.corpus.prepare import PrepareError
-    from vlit.evaluate.gates import GateFailed
-    from vlit.train.loop import NoTrainingData
-
-    try:
-        summary = stage(cfg)
-    except ConfigError as e:  # a stage that finds its section missing or inconsistent
-        print(f"{name}: {e}", file=sys.stderr)
-        return 2
-    except (PrepareError, NoTrainingData) as e:  # data a stage cannot use: the message names the rows
-        print(f"{name}: {e}", file=sys.stderr)
-        return 2
-    except GateFailed as e:  # the job stops; the reasons are on the stage's MLflow run too
-        print(f"{name}: {e}", file=sys.stderr)
-        return 3
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -211,6 +182,18 @@ def _eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_score(args: argparse.Namespace) -> int:
+    """A run's published prediction tables scored again by today's scorers, without the model."""
+    from vlit.evaluate.harness import score_predictions
+
+    try:
+        _print({k: v for uri in args.predictions for k, v in score_predictions(uri).items()})
+    except FileNotFoundError as e:
+        print(f"vlit eval score: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cluster_files(args: argparse.Namespace) -> list[str]:
     import glob
     import os
@@ -278,6 +261,13 @@ def _lineage(args: argparse.Namespace) -> int:
         print(f"vlit lineage: {args.model}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(chain, indent=2) if args.json else lineage.format_chain(chain), end="" if not args.json else "\n")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vlit.run_report import write_report
+
+    print(write_report(args.job_out))
     return 0
 
 
@@ -379,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run-id", default=None, help="an MLflow run to log metrics, predictions and set digests to")
     e.add_argument("--baseline", default=None, help="metrics JSON of the model before the stage (forgetting deltas)")
     e.add_argument("--gate", action="store_true", help="exit 3 when a gate in eval.gates fails")
+    e = ev.add_parser("score", help="score published prediction tables again (eval.out/predictions/<digest>)")
+    e.add_argument("predictions", nargs="+", help="prediction table versions, as `vlit eval run` tags them")
+    e.set_defaults(func=_eval_score)
 
     g = top.add_parser("lineage", help="a registered model version's chain: run, checkpoint, input datasets, sources")
     g.add_argument("model", help="NAME (latest version), NAME@ALIAS or NAME/VERSION")
@@ -386,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: MLFLOW_TRACKING_URI, else the demo's sqlite:///.vlit/mlflow.db")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=_lineage)
+    g = top.add_parser("report", help="rebuild a two-stage job's run report (JOB_OUT/report.html) from its record")
+    g.add_argument("job_out", metavar="JOB_OUT", help="the job's pipeline.out")
+    g.set_defaults(func=_report)
 
     c = top.add_parser("config", help="configs").add_subparsers(dest="cmd", required=True)
     _config_command(c, "check", "validate a config file with overrides and print it resolved", _config_check)

@@ -211,6 +211,10 @@ class TrainConfig(_Strict):
     materialize: bool = False
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
+    # Ray resources each train worker asks for, beside its CPU/GPU (e.g. {CPU: 1, train: 1}
+    # with `train` a custom resource only worker nodes offer: training then never lands on
+    # the head, which keeps the driver, the controller and the job's bookkeeping).
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0.0)]] | None = None
     checkpoint_every: int = Field(default=50, ge=1)  # steps
     max_failures: int = Field(default=1, ge=0)
     seed: int = 0
@@ -240,9 +244,9 @@ class FeedbackLoopConfig(_Strict):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     max_tokens: int = Field(default=64, ge=1)
     send_reference: bool = False  # send the corpus answer (for `reference` backends)
-    # The aspects the judge rates. VLFeedback pairs need all three; a judge that cannot
-    # rate one (the `reference` judge and ethics) is asked for the others only, and its
-    # responses then score for selection (the alignment set) but make no pairs.
+    # The aspects the judge rates. A judge that cannot rate one (the `reference` judge and
+    # ethics) is asked for the others only; its responses are paired by the mean of those
+    # (VLFeedback's rule over fewer aspects, recorded in the pairs version's manifest).
     aspects: list[Aspect] = Field(default_factory=lambda: list(ASPECTS), min_length=1)
     seed: int = 0
 
@@ -331,7 +335,8 @@ class LoopsConfig(_Strict):
 
 class DPOConfig(_Strict):
     """A DPO stage. Its pairs: `pairs` (a finished pairs version), or built into
-    PAIRS_OUT/<digest>/ from `feedback` (VLFeedback-format JSONL) or from `synth`."""
+    PAIRS_OUT/<digest>/ from `feedback` (VLFeedback-format JSONL) or from `synth`; in the
+    two-stage job, none of these: built from the align stage's judged responses."""
 
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     beta: float = Field(default=0.1, gt=0.0)
@@ -353,10 +358,11 @@ class DPOConfig(_Strict):
     @model_validator(mode="after")
     def _one_source_of_pairs(self) -> "DPOConfig":
         given = [k for k, v in (("pairs", self.pairs), ("feedback", self.feedback), ("synth", self.synth)) if v]
-        if len(given) != 1:
-            raise ValueError(f"set exactly one of dpo.pairs, dpo.feedback and dpo.synth (got {given or 'none'})")
+        if len(given) > 1:
+            raise ValueError(f"set at most one of dpo.pairs, dpo.feedback and dpo.synth (got {given})")
         if given != ["pairs"] and not self.pairs_out:
-            raise ValueError(f"dpo.{given[0]} builds pairs: set dpo.pairs_out (where pairs versions live)")
+            source = f"dpo.{given[0]}" if given else "the align stage's judged responses"
+            raise ValueError(f"{source} builds pairs: set dpo.pairs_out (where pairs versions live)")
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError(f"dpo.label_smoothing applies to the sigmoid loss only (dpo.loss is {self.loss})")
         return self
@@ -364,16 +370,64 @@ class DPOConfig(_Strict):
 
 # ---- Evaluation and promotion gates (vlit/evaluate) -------------------------------------
 
-EVAL_SUITES = ("mme", "pope", "circular", "forgetting", "tasks")
+EVAL_SUITES = ("mme", "pope", "circular", "forgetting", "tasks")  # synthetic: metrics synthetic.<suite>.*
+BENCHMARKS = ("mme", "pope", "mmbench")  # released files: metrics <benchmark>.*
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+class BenchmarkConfig(_Strict):
+    """A released benchmark's files (local or s3://), read by vlit/evaluate/released.py.
+
+    mme: the release folder, one folder per subtask; pope: the folder holding
+    coco_pope_<split>.json, with `images` the COCO folder its `image` names; mmbench: the
+    TSV file."""
+
+    path: str
+    images: str | None = None  # pope only
+    splits: list[Literal[POPE_SPLITS]] = Field(default_factory=lambda: list(POPE_SPLITS))  # pope
+    # mme: the subtasks to read; all 14 by default, so a release missing one is an error.
+    subtasks: list[Literal[MME_PERCEPTION + MME_COGNITION]] = Field(
+        default_factory=lambda: list(MME_PERCEPTION + MME_COGNITION))
+
+
+class HoldoutConfig(_Strict):
+    """Rows of the prepared corpus kept out of training and scored per task
+    (vlit/evaluate/holdout.py): those whose key hashes below `fraction`."""
+
+    fraction: float = Field(default=0.01, gt=0.0, le=0.5)
+    seed: int = 0
+    max_per_task: int = Field(default=50, ge=1)  # held-out rows scored per task (all stay out of training)
+    # A free-text task is scored by choosing among its distinct answers when it has at
+    # most this many; above it (captions, open questions) its rows are counted, not scored.
+    max_choices: int = Field(default=16, ge=2)
+
+
+class LlavaBenchConfig(_Strict):
+    """LLaVA-Bench (in-the-wild), vlit/evaluate/llava_bench.py: the model's generated
+    answers, reviewed against the reference answers by `reviewer`, a generator of the
+    serve section (a GPT-4-class model, e.g. an openai backend)."""
+
+    path: str  # the release folder: questions.jsonl, context.jsonl, the reference answers, images/
+    reference: str = "answers_gpt4.jsonl"
+    reviewer: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # LLaVA's model_vqa samples at temperature 0.2; vlit answers greedily so that a
+    # re-run gives the same answers (reviews are still the reviewer's sampling).
+    max_new_tokens: int = Field(default=512, ge=1)
+    review_tokens: int = Field(default=1024, ge=1)  # eval_gpt_review_bench.py's max_tokens
 
 
 class EvalConfig(_Strict):
-    """Held-out evaluation after each stage: sets built from synthetic scenes no stage
-    trained on, versioned under OUT/<suite>-<digest>/, and the gates a stage's metrics
-    must pass before its model is promoted."""
+    """Held-out evaluation after each stage: synthetic sets built from scenes no stage
+    trained on and released benchmarks read from their files, each versioned under
+    OUT/<suite>-<digest>/, and the gates a stage's metrics must pass before its model is
+    promoted."""
 
-    out: str  # where evaluation-set versions live
-    # tasks: held-out instances of the synthetic corpus's own tasks (needs corpus.synth).
+    out: str  # where evaluation-set versions (and prediction tables) live
+    # Synthetic suites (metrics synthetic.<suite>.*), for the CPU demo; tasks: held-out
+    # instances of the synthetic corpus's own tasks (needs corpus.synth).
     suites: list[Literal[EVAL_SUITES]] = Field(
         default_factory=lambda: list(EVAL_SUITES))
     images: int = Field(default=48, ge=1)  # held-out images per suite
@@ -389,16 +443,28 @@ class EvalConfig(_Strict):
     # actor holds the model (num_gpus of it on a cluster).
     engine: Literal["local", "ray"] = "local"
     num_gpus: float = Field(default=0.0, ge=0.0)
-    # metric -> lower bound, e.g. {"mme.acc": 0.6, "pope.adversarial.f1": 0.5,
-    # "forgetting.min_delta": -0.05}; a stage's model is promoted only if all pass.
+    # Released benchmarks by name: {mme: {path: s3://bench/MME_Benchmark_release_version}}.
+    benchmarks: dict[Literal[BENCHMARKS], BenchmarkConfig] = Field(default_factory=dict)
+    holdout: HoldoutConfig | None = None  # held-out rows of the corpus (metrics holdout.*)
+    llava_bench: LlavaBenchConfig | None = None  # generated answers, reviewed (metrics llava_bench.*)
+    # metric -> lower bound, e.g. {"mme.perception": 1000, "pope.adversarial.f1": 0.8,
+    # "synthetic.forgetting.min_delta": -0.05}; a stage's model is promoted only if all pass.
     gates: dict[str, float] = Field(default_factory=dict)
     alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")  # the promoted version's alias
+
+    @property
+    def set_names(self) -> list[str]:
+        """Every evaluated set's name, the prefix of its metrics: synthetic.<suite>, <benchmark>."""
+        return ([f"synthetic.{s}" for s in self.suites] + list(self.benchmarks) + ["holdout"] * bool(self.holdout)
+                + ["llava_bench"] * bool(self.llava_bench))
 
     @model_validator(mode="after")
     def _gates_name_suites(self) -> "EvalConfig":
         for metric in self.gates:
-            if metric.split(".", 1)[0] not in self.suites:
-                raise ValueError(f"eval.gates.{metric}: no suite {metric.split('.', 1)[0]!r} among eval.suites {self.suites}")
+            if not any(metric.startswith(name + ".") for name in self.set_names):
+                head = ".".join(metric.split(".")[:2 if metric.startswith("synthetic.") else 1])
+                raise ValueError(f"eval.gates.{metric}: no suite {head!r} among eval.suites {self.suites} "
+                                 f"(as synthetic.<suite>) or eval.benchmarks {list(self.benchmarks)}")
         return self
 
 
@@ -656,6 +722,24 @@ class Config(_Strict):
         if dpo.synth and not (corpus and corpus.synth):
             raise ValueError("dpo.synth makes feedback from the synthetic corpus: set corpus.synth")
         return dpo
+
+    @model_validator(mode="after")
+    def _llava_bench_reviewer_is_served(self) -> "Config":
+        bench = self.eval.llava_bench if self.eval else None
+        if bench and (self.serve is None or bench.reviewer not in self.serve.generators):
+            served = list(self.serve.generators) if self.serve else []
+            raise ValueError(f"eval.llava_bench.reviewer: {bench.reviewer!r} is not among serve.generators {served}")
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_pairs_from_align(self) -> "Config":
+        # With no pairs source of its own, DPO takes the align stage's judged responses.
+        dpo, stages = self.dpo, self.pipeline.stages if self.pipeline else []
+        if dpo is not None and not (dpo.pairs or dpo.feedback or dpo.synth) and "dpo" in stages \
+                and "align" not in stages:
+            raise ValueError("dpo: no dpo.pairs, dpo.feedback or dpo.synth, so its pairs come from the align "
+                             "stage's judged responses; add align to pipeline.stages or set one of them")
+        return self
 
     @model_validator(mode="after")
     def _corpus_unless_serve_or_dpo_only(self) -> "Config":

@@ -10,9 +10,10 @@ for credentials, so nothing logged can hold one.
       +- nested stage runs (corpus, sft1, align, sft2, dpo, eval): inputs as MLflow
          dataset inputs (name, digest = the version's content digest, source URI),
          outputs as `vlit.out.*` tags
-    registered model <name>-<stage>, one version per training run: source = the HF
-    export, tags = the run, checkpoint and input dataset digests; the `eval.alias`
-    alias marks the version that passed its gates
+    registered model <name>-<stage>, one version per training run, made from the HF
+    export's LoggedModel (an external model of the stage's run; source models:/<id>,
+    tag vlit.export), tags = the run, checkpoint and input dataset digests; the
+    `eval.alias` alias marks the version that passed its gates
 
 `chain(uri, "demo-sft2@champion")` walks it back: model version -> run -> checkpoint ->
 input dataset versions -> their sources (and, for versions vlit made, their own inputs).
@@ -28,10 +29,29 @@ from vlit import storage
 from vlit.config import Config
 
 _UNSAFE = re.compile(r"[^\w./\- :]")  # MLflow metric and param names allow only these
+# The kind of experiment vlit's are: MLflow 3 UIs open an experiment by it (on the runs,
+# not the GenAI overview where training runs sit under "Evaluation runs"); 3.17's UI,
+# whose GenAI / Model training switch overrides it, needs `ui_path`'s URL as well.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri(cfg: Config) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(cfg.run.workdir)}/mlflow.db"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, naming the URI, when a tracking server (http[s]://) does not answer its
+    health check: the job checks it before its first stage, so no stage trains and then
+    fails to register. Database URIs are opened by the first call that needs them."""
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
+            r.read()
+    except OSError as e:
+        raise storage.Unreachable(f"cannot reach the MLflow tracking server {uri}: {e}") from None
 
 
 def _client(uri: str):
@@ -59,12 +79,22 @@ def experiment_id(cfg: Config) -> tuple[str, str]:
     client = _client(uri)
     experiment = client.get_experiment_by_name(cfg.run.name)
     if experiment:
+        if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made before vlit tagged its experiments
+            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return uri, experiment.experiment_id
     # With the default sqlite store, artifacts go beside it (MLflow's default is ./mlruns
     # of whatever folder the job started in); a server decides for itself.
     location = None if os.environ.get("MLFLOW_TRACKING_URI") else \
         "file://" + os.path.join(os.path.abspath(cfg.run.workdir), "mlartifacts")
-    return uri, client.create_experiment(cfg.run.name, artifact_location=location)
+    return uri, client.create_experiment(cfg.run.name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+
+
+def ui_path(experiment: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs table (or of one run), after its
+    server's address. MLflow 3.17's UI ignores the experiment kind tag when its
+    GenAI / Model training switch is shown (always, in 3.17) and opens on GenAI unless the
+    URL or the browser's last choice says otherwise: this URL says so."""
+    return f"/#/experiments/{experiment}" + (f"/runs/{run_id}" if run_id else "") + "?workflowType=machine_learning"
 
 
 def log_params(uri: str, run_id: str, cfg: Config, extra: dict | None = None) -> None:
@@ -170,6 +200,12 @@ def log_eval(run: dict, metrics: dict | None = None, *, step: int = 0, texts: di
                                           for d in datasets])
 
 
+def metric_history(run: dict, keys: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """Each of `keys`' (step, value) points on `run`, by step (absent keys: none)."""
+    client = _client(run["uri"])
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run["run_id"], k)) for k in keys}
+
+
 def set_model_alias(uri: str, name: str, version, alias: str) -> None:
     """Point registered model `name`'s `alias` at `version` (promotion)."""
     _client(uri).set_registered_model_alias(name, alias, str(version))
@@ -220,9 +256,28 @@ def finish(run: dict, status: str = "FINISHED") -> None:
     _client(run["uri"]).set_terminated(run["run_id"], status=status)
 
 
+def log_model(uri: str, name: str, source: str, run_id: str, tags: dict) -> str:
+    """The export as an MLflow LoggedModel of `run_id` (its weights stay at `source`: an
+    external model, whose MLmodel file only points there); returns its model id. The run
+    page lists it under "Logged models", and its page links back to the run."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    client = _client(uri)
+    mlflow.set_tracking_uri(uri)  # create_external_model talks to the default client
+    model = mlflow.create_external_model(name=name, source_run_id=run_id, model_type="hf-export",
+                                         experiment_id=client.get_run(run_id).info.experiment_id,
+                                         tags={"vlit.export": storage.normalize(source),
+                                               **{k: str(v) for k, v in tags.items()}})
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return model.model_id
+
+
 def register_model(uri: str, name: str, source: str, run_id: str, tags: dict) -> str:
-    """A new version of registered model `name` whose source is the export; returns it."""
+    """A new version of registered model `name` made from the export's LoggedModel
+    (`log_model`), so the version, model and run pages link up; returns it."""
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     client = _client(uri)
     try:
@@ -230,8 +285,15 @@ def register_model(uri: str, name: str, source: str, run_id: str, tags: dict) ->
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(name, source=storage.normalize(source), run_id=run_id,
-                                          tags={k: str(v) for k, v in tags.items()})
+    model_id = log_model(uri, name, source, run_id, tags)
+    # As mlflow.register_model("models:/<id>") does, without its prints: the version's
+    # source names the LoggedModel (the UI links the two through it; the export's URI is
+    # the version's vlit.export tag), and the model lists its versions in a tag.
+    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                          tags={"vlit.export": storage.normalize(source),
+                                                **{k: str(v) for k, v in tags.items()}})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+        [{"name": name, "version": version.version}])})
     return str(version.version)
 
 
@@ -261,7 +323,10 @@ def _dataset_origin(source_uri: str, depth: int) -> list[dict]:
         m = storage.read_json(manifest)
         for src in m.get("sources", []):
             uri = src["uri"] if isinstance(src, dict) else src
-            out.append({"source": uri, "from": _dataset_origin(storage.parent(uri), depth + 1)})
+            # A source is a file in a version's folder, or a version itself (the corpus a
+            # responses version's prompts came from).
+            folder = uri if storage.exists(storage.join(uri, "manifest.json")) else storage.parent(uri)
+            out.append({"source": uri, "from": _dataset_origin(folder, depth + 1)})
     summary = storage.join(source_uri, "summary.json")
     if not out and storage.exists(summary):
         settings = storage.read_json(summary).get("settings", {})
@@ -283,7 +348,9 @@ def chain(uri: str, ref: str) -> dict:
               for d in run.inputs.dataset_inputs]
     for d in inputs:
         d["from"] = _dataset_origin(d["uri"], 0)
-    return {"model": mv.name, "version": str(mv.version), "aliases": list(mv.aliases or []), "source": mv.source,
+    return {"model": mv.name, "version": str(mv.version), "aliases": list(mv.aliases or []),
+            "source": mv.tags.get("vlit.export", mv.source),
+            "logged_model": mv.source if mv.source.startswith("models:/") else None,
             "tags": dict(mv.tags),
             "run": {"id": run.info.run_id, "name": run.info.run_name, "stage": run.data.tags.get("vlit.stage"),
                     "parent": run.data.tags.get("mlflow.parentRunId"), "checkpoint": run.data.tags.get("vlit.checkpoint"),
@@ -295,7 +362,7 @@ def format_chain(c: dict) -> str:
     aliases = f" (aliases: {', '.join(c['aliases'])})" if c["aliases"] else ""
     r = c["run"]
     lines = [f"model {c['model']} version {c['version']}{aliases}",
-             f"  source      {c['source']}",
+             f"  source      {c['source']}" + (f" ({c['logged_model']})" if c["logged_model"] else ""),
              f"  run         {r['id']} ({r['name']}, stage {r['stage']}, pipeline run {r['parent'] or '-'})",
              f"  checkpoint  {r['checkpoint']}"]
 

@@ -3,13 +3,11 @@ composes them (vlit/two_stage.py): each is a function of the config and says wha
 """
 from __future__ import annotations
 
-import json
-
 from vlit import storage, versions
 from vlit.config import Config, ConfigError, require
 from vlit.corpus.prepare import prepare_corpus
 from vlit.ledger import stage_key
-from vlit.versions import CorpusVersion, PairsVersion
+from vlit.versions import CorpusVersion, PairsVersion, ResponsesVersion
 from vlit.world import synth_corpus
 
 
@@ -47,7 +45,6 @@ def prepare_stage(cfg: Config, sources: list[str]) -> CorpusVersion:
     verb = "reused" if summary["reused"] else "prepared"
     say("prepare", f"{verb} corpus {summary['digest']}: {summary['rows']} rows, {summary['quarantined']} quarantined "
                     f"{summary['reasons']}, {summary['tasks']} tasks -> {summary['version']}")
-    print(json.dumps(summary, indent=2, sort_keys=True))
     return CorpusVersion.open(summary["version"])
 
 
@@ -76,25 +73,41 @@ def sft_stage(cfg: Config) -> dict:
     return result
 
 
-def pairs_stage(cfg: Config) -> PairsVersion:
+def pairs_stage(cfg: Config, responses: str | None = None) -> PairsVersion:
     """The DPO stage's pairs version: `dpo.pairs`, or built (content-addressed, reused when
-    unchanged) from `dpo.feedback` or from feedback made from the synthetic corpus."""
-    from vlit.loops.feedback import build_pairs
+    unchanged) from `dpo.feedback`, from feedback made from the synthetic corpus, or, with
+    none of these, from `responses` (the two-stage job's align stage: the pool's judged
+    responses). A version with no pair at all stops here (NoTrainingData), with why."""
+    from vlit.loops.feedback import EXCLUDED, build_pairs
+    from vlit.train.loop import NoTrainingData
 
     dpo = require(cfg, "dpo", "a DPO stage", "its pairs, loss and beta")
     if dpo.pairs:
         return PairsVersion.open(dpo.pairs)
-    sources, judge = dpo.feedback, dpo.judge
-    if dpo.synth:
-        from vlit.loops.feedback_synth import JUDGE, synth_feedback
+    if dpo.feedback or dpo.synth:
+        sources, judge = dpo.feedback, dpo.judge
+        if dpo.synth:
+            from vlit.loops.feedback_synth import JUDGE, synth_feedback
 
-        s = dpo.synth
-        made = synth_feedback(synth_stage(cfg)[0], prompts=s.prompts, completions=s.completions, seed=s.seed)
-        sources, judge = [made["feedback"]], JUDGE
-    summary = build_pairs(sources, dpo.pairs_out, dpo.image_root, judge)
+            s = dpo.synth
+            made = synth_feedback(synth_stage(cfg)[0], prompts=s.prompts, completions=s.completions, seed=s.seed)
+            sources, judge = [made["feedback"]], JUDGE
+        summary = build_pairs(sources, dpo.pairs_out, dpo.image_root, judge)
+    elif responses:
+        from vlit.loops.feedback_loop import pairs_from_responses
+
+        summary = pairs_from_responses(ResponsesVersion.open(responses), dpo.pairs_out)
+    else:
+        raise ConfigError("dpo: set one of dpo.pairs, dpo.feedback and dpo.synth (only the two-stage job, with an "
+                          "align stage, builds pairs from its judged responses)")
     say("pairs", f"{'reused' if summary['reused'] else 'built'} pairs {summary['digest']}: {summary['pairs']} pairs "
                   f"of {summary['prompts']} prompts; {summary['ties']} ties, {summary['unparseable']} responses with a "
                   f"non-numeric rating, {summary['quarantined']} rows quarantined -> {summary['version']}")
+    if not summary["pairs"]:
+        raise NoTrainingData(f"pairs version {summary['version']} has no pair: {summary['prompts']} prompts, "
+                             f"{summary['ties']} ties, {summary['unparseable']} responses with a non-numeric rating, "
+                             f"{summary['quarantined']} rows quarantined; why each response made no pair: "
+                             f"{storage.join(summary['version'], EXCLUDED)}")
     return PairsVersion.open(summary["version"])
 
 

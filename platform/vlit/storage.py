@@ -92,13 +92,20 @@ def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def _endpoint_kwargs(endpoint: str | None) -> dict:
+    if not endpoint:
+        return {}
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return {"endpoint_override": parsed.netloc, "scheme": parsed.scheme}
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 @functools.lru_cache(maxsize=8)
 def _s3(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs: dict = {}
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs["endpoint_override"] = parsed.netloc
-        kwargs["scheme"] = parsed.scheme
+    kwargs = _endpoint_kwargs(endpoint)
     return pafs.S3FileSystem(
         region=region,
         connect_timeout=S3_CONNECT_TIMEOUT_S,
@@ -133,11 +140,36 @@ def _s3_path(uri: str) -> str:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for `uri` and the path inside it."""
     if is_s3(uri):
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3(_endpoint(), region), _s3_path(uri)
+        return _s3(_endpoint(), _region()), _s3_path(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+class Unreachable(RuntimeError):
+    """A store or service the job needs does not answer; the message names its URI."""
+
+
+def check_reachable(uris: list[str]) -> None:
+    """Fail fast, naming the URI, when an s3:// location's bucket cannot be reached: a job
+    checks every store it will write before its first stage, so none runs half-configured.
+    Two attempts with a short connect timeout, not the data path's eight (minutes of
+    back-off against an endpoint that is simply not there)."""
+    buckets = sorted({_s3_path(u).split("/")[0]: u for u in uris if is_s3(u)}.items())
+    if not buckets:
+        return
+    endpoint = _endpoint()
+    fs = pafs.S3FileSystem(region=_region(), connect_timeout=3.0, request_timeout=10.0,
+                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+                           **_endpoint_kwargs(endpoint))
+    where = f" at endpoint {endpoint}" if endpoint else ""
+    for bucket, uri in buckets:
+        try:
+            found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+        except OSError as e:
+            raise Unreachable(f"cannot reach {uri}{where}: {e}") from None
+        if not found:
+            raise Unreachable(f"bucket of {uri} does not exist{where}")
 
 
 def normalize(uri: str) -> str:

@@ -8,7 +8,8 @@
   prompt are rated; each prompt's best response, task-balanced, makes the alignment set
   (a versioned dataset with its quality report), prepared as the stage-2 corpus.
 - sft2: SFT from sft1's export on the alignment set (stage 2).
-- dpo: DPO from the last export on the `dpo` section's pairs.
+- dpo: DPO from the last export on preference pairs made by VLFeedback's rule from the
+  align stage's judged responses (or, when the `dpo` section names them, its own pairs).
 - evaluation (with an `eval` section): the base model once, and every trained stage's
   export, on the held-out sets; the stage's gates decide whether its model version gets
   the `eval.alias` alias, and a failing gate stops the job with the reason.
@@ -16,7 +17,8 @@
 Every stage is keyed (`vlit.ledger`): a re-run skips what finished and says so; a run
 killed mid-stage finds that stage's folder again and Ray Train resumes it from its last
 checkpoint. MLflow gets a parent run per invocation and a nested run per stage run
-(`vlit.lineage`).
+(`vlit.lineage`). The job records its summary and writes its run report beside its
+outputs (`vlit.run_report`); its output ends with its tables and where the report is.
 """
 from __future__ import annotations
 
@@ -24,16 +26,22 @@ import json
 import time
 
 from vlit import lineage, storage
-from vlit.config import Config, require, stage_config
+from vlit.config import Config, ConfigError, require, stage_config
 from vlit.ledger import Ledger, stage_key
 from vlit.lineage import tracking_uri
 from vlit.pipeline import corpus_stage, pairs_stage, prepare_stage, say
+from vlit.run_report import write_job_report
 from vlit.versions import CorpusVersion, PairsVersion
 
-# tasks.accuracy is held-out accuracy on the corpus's own tasks, tasks.chance that of
-# guessing among each question's choices: the pair says whether stage 1 learned.
-TABLE_METRICS = ("tasks.accuracy", "tasks.chance", "mme.acc", "pope.adversarial.f1", "circular.accuracy",
-                 "forgetting.accuracy")
+# synthetic.tasks.accuracy is held-out accuracy on the synthetic corpus's own tasks,
+# synthetic.tasks.chance that of guessing among each question's choices: the pair says
+# whether stage 1 learned. The released benchmarks' headline metrics follow; a column
+# shows when some stage measured it.
+TABLE_METRICS = ("synthetic.tasks.accuracy", "synthetic.tasks.chance", "synthetic.mme.acc",
+                 "synthetic.pope.adversarial.f1", "synthetic.circular.accuracy", "synthetic.forgetting.accuracy",
+                 "mme.perception", "mme.cognition", "pope.adversarial.f1", "mmbench.accuracy",
+                 "llava_bench.all.relative", "holdout.accuracy")
+TASKS = "synthetic.tasks."
 
 
 def _dump(section) -> dict | None:
@@ -55,15 +63,23 @@ class TwoStageJob:
 
     # ---- the ledger around every stage
 
+    def nth(self, stage: str) -> str:
+        """'stage N/M, ' of the job's keyed steps (corpus, evaluations, training stages)."""
+        evals = self.cfg.eval is not None
+        plan = ["corpus", *(["eval_base"] if evals else [])]
+        for s in self.cfg.pipeline.stages:
+            plan += [s, *([f"eval_{s}"] if evals and s != "align" else [])]
+        return f"stage {plan.index(stage) + 1}/{len(plan)}, " if stage in plan else ""
+
     def keyed(self, stage: str, inputs: dict[str, str], settings: dict, body) -> dict:
         key = stage_key(stage, inputs, settings)
         record = self.ledger.get(stage, key)
         if record is not None:
-            say(stage, f"skipped: finished {record['finished_at']} (key {key}); outputs reused")
+            say(stage, f"skipped: finished {record['finished_at']} ({self.nth(stage)}key {key}); outputs reused")
             self.skipped.append(stage)
             lineage.set_tags(self.parent, {f"vlit.skipped.{stage}": key})
             return {**record["outputs"], "key": key, "skipped": True}
-        say(stage, f"running (key {key}) -> {self.ledger.stage_dir(stage, key)}")
+        say(stage, f"running ({self.nth(stage)}key {key}) -> {self.ledger.stage_dir(stage, key)}")
         started = time.monotonic()
         outputs = body(key, self.ledger.stage_dir(stage, key))
         outputs["seconds"] = round(time.monotonic() - started, 1)
@@ -98,11 +114,12 @@ class TwoStageJob:
         if cfg.eval is None:
             return None
         if self.eval_sets is None:
-            self.eval_sets = build_eval_sets(self.cfg)
+            self.eval_sets = build_eval_sets(self.cfg, self.done.get("corpus", {}).get("version"))
         sets = self.eval_sets
         inputs = {f"eval.{s}": es.digest for s, es in sets.items()}
         inputs["model"] = model["key"] if model else stage_key("base", {}, {"model": _dump(cfg.model)})
-        settings = {"engine": cfg.eval.engine, "batch_size": cfg.eval.batch_size}
+        settings = {"engine": cfg.eval.engine, "batch_size": cfg.eval.batch_size,
+                    **({"llava_bench": _dump(cfg.eval.llava_bench)} if cfg.eval.llava_bench else {})}
         baseline = self.done.get("base", {}).get("metrics")
 
         def body(key, _):
@@ -162,8 +179,11 @@ class TwoStageJob:
                     "vlit.input.version": data["version"], "vlit.init": init["export"] if init else "config"}
             version = lineage.register_model(tracking_uri(cfg), name, result["export"],
                                              result["mlflow_run_id"], tags)
-            say(stage, f"{result['steps']} steps, loss {result['loss']:.4f}; registered {name} version {version}")
+            rewards = "".join(f", {k.replace('_', ' ')} {result[k]:.3f}" for k in ("reward_accuracy", "reward_margin")
+                              if result.get(k) is not None)
+            say(stage, f"{result['steps']} steps, loss {result['loss']:.4f}{rewards}; registered {name} version {version}")
             return {"export": result["export"], "checkpoint": result["checkpoint"], "steps": result["steps"],
+                    **{k: result[k] for k in ("reward_accuracy", "reward_margin") if k in result},
                     "loss": result["loss"], "mlflow_run_id": result["mlflow_run_id"], "model_name": name,
                     "model_version": version, "data": data["version"], "data_digest": data["digest"],
                     "rows": data.get("rows")}
@@ -199,13 +219,19 @@ class TwoStageJob:
                              "alignment.json")
             lineage.finish(run)
             return {"alignment": made["version"], "alignment_digest": made["digest"], "rows": version2.rows,
+                    "responses": made["responses"],
                     "version": version2.uri, "digest": version2.digest, "models": made["models"],
                     "quality": made["quality"], "mlflow_run_id": run["run_id"]}
 
         return self.keyed("align", {"corpus": corpus["digest"]}, settings, body)
 
     def pairs(self) -> dict:
-        pairs = pairs_stage(stage_config(self.cfg, "dpo"))
+        cfg, align = stage_config(self.cfg, "dpo"), self.done.get("align")
+        responses = align.get("responses") if align else None
+        if align and not responses and not (cfg.dpo.pairs or cfg.dpo.feedback or cfg.dpo.synth):
+            raise ConfigError(f"the align stage's record {self.ledger.stage_dir('align', align['key'])} predates "
+                              "kept responses versions: remove its ledger entry to run align again for DPO's pairs")
+        pairs = pairs_stage(cfg, responses)
         return {"version": pairs.uri, "digest": pairs.digest, "rows": pairs.rows}
 
     # ---- the job
@@ -213,6 +239,7 @@ class TwoStageJob:
     def run(self) -> dict:
         cfg, stages = self.cfg, self.cfg.pipeline.stages
         job_key = stage_key("pipeline", {}, cfg.model_dump(mode="json", exclude={"ray", "storage"}))
+        preflight(cfg)
         self.parent = lineage.start_pipeline(cfg, job_key)
         started = time.monotonic()
         status = "FAILED"
@@ -241,18 +268,21 @@ class TwoStageJob:
             lineage.finish(self.parent, status)
         table = self.table()
         lineage.log_text(self.parent, table, "summary.txt")
-        print("\n" + table, flush=True)
-        say("done", f"{len(self.ran)} stage steps ran, {len(self.skipped)} skipped, in "
-                     f"{time.monotonic() - started:.0f} s. See the runs: {mlflow_ui_command(cfg)}")
-        return {"pipeline_run_id": self.parent["run_id"], "ran": self.ran, "skipped": self.skipped,
-                "stages": {s: {k: v for k, v in o.items() if k != "cfg"} for s, o in self.done.items()}}
+        summary = {"pipeline_run_id": self.parent["run_id"], "ran": self.ran, "skipped": self.skipped,
+                   "stages": {s: {k: v for k, v in o.items() if k != "cfg"} for s, o in self.done.items()},
+                   "seconds": round(time.monotonic() - started), "table": table, "job_key": job_key,
+                   "tracking_uri": tracking_uri(cfg), "mlflow_ui": mlflow_ui_command(cfg)}
+        summary["report"] = write_job_report(cfg.pipeline.out, summary)
+        return summary
 
     def table(self) -> str:
         """stage -> data version, rows, loss, key accuracies; then, when the tasks suite
         ran, held-out accuracy per question family across the evaluated stages."""
         from vlit.evaluate.report import text_table
 
-        header = ["stage", "data", "rows", "loss", *TABLE_METRICS]
+        measured = [m for m in TABLE_METRICS if any(m in (o.get("metrics") or {}) for o in self.done.values())]
+        dpo = "reward_accuracy" in self.done.get("dpo", {})
+        header = ["stage", "data", "rows", "loss", *(["reward acc"] if dpo else []), *measured]
         rows = []
         for stage, out in self.done.items():
             metrics = out.get("metrics") or {}
@@ -260,17 +290,33 @@ class TwoStageJob:
             loss = out.get("loss")
             rows.append([stage, digest[:12] or "-", str(out.get("rows") or "-"),
                          "-" if loss is None else f"{loss:.4f}",
-                         *("-" if metrics.get(m) is None else f"{metrics[m]:.3f}" for m in TABLE_METRICS)])
+                         *(["-" if out.get("reward_accuracy") is None else f"{out['reward_accuracy']:.3f}"] if dpo else []),
+                         *("-" if metrics.get(m) is None else f"{metrics[m]:.3f}" for m in measured)])
         table = text_table(header, rows)
         evaluated = {stage: out["metrics"] for stage, out in self.done.items() if out.get("metrics")}
-        families = sorted({m.split(".")[1] for ms in evaluated.values() for m in ms
-                           if m.startswith("tasks.") and m.endswith(".chance") and m.count(".") == 2})
+        families = sorted({m.split(".")[2] for ms in evaluated.values() for m in ms
+                           if m.startswith(TASKS) and m.endswith(".chance") and m.count(".") == 3})
         if not families:
             return table
-        family_rows = [[family, f"{max(ms.get(f'tasks.{family}.chance', 0.0) for ms in evaluated.values()):.3f}",
-                        *("-" if ms.get(f"tasks.{family}.accuracy") is None else f"{ms[f'tasks.{family}.accuracy']:.3f}"
+        family_rows = [[family, f"{max(ms.get(f'{TASKS}{family}.chance', 0.0) for ms in evaluated.values()):.3f}",
+                        *("-" if ms.get(f"{TASKS}{family}.accuracy") is None else f"{ms[f'{TASKS}{family}.accuracy']:.3f}"
                           for ms in evaluated.values())] for family in families]
         return table + "\n" + text_table(["held-out task", "guessing", *evaluated], family_rows)
+
+
+def preflight(cfg: Config) -> None:
+    """The tracking server and every s3:// store in the config answer, or the job stops
+    here naming the one that does not (`storage.Unreachable`): a stage that trained for
+    an hour and then cannot register, or a half-written ledger, helps no one."""
+    def s3_uris(value) -> list[str]:
+        if isinstance(value, dict):
+            return [u for v in value.values() for u in s3_uris(v)]
+        if isinstance(value, list):
+            return [u for v in value for u in s3_uris(v)]
+        return [value] if isinstance(value, str) and storage.is_s3(value) else []
+
+    lineage.check_reachable(tracking_uri(cfg))
+    storage.check_reachable(s3_uris(cfg.model_dump(mode="json")))
 
 
 def build_alignment(cfg: Config, corpus: dict, out: str) -> dict:
@@ -289,11 +335,12 @@ def build_alignment(cfg: Config, corpus: dict, out: str) -> dict:
     init_ray(cfg.ray, cfg.run.workdir)
     start(cfg.serve)
     try:
-        prompts = corpus_prompts(corpus["version"], loops.feedback.prompts, loops.feedback.seed)
+        prompts = corpus_prompts(corpus["version"], loops.feedback.prompts, loops.feedback.seed,
+                                 holdout=cfg.eval.holdout if cfg.eval else None)
         rows, counts = feedback_rows(prompts, loops.feedback, cfg.serve.app_name)
     finally:
         serve.shutdown()
-    responses = write_responses(rows, storage.join(out, "feedback"), loops.feedback)
+    responses = write_responses(rows, storage.join(out, "feedback"), loops.feedback, corpus["version"])
     made = alignment_from_feedback(rows, loops.alignment, storage.join(out, "alignment"),
                                    {"corpus": corpus["version"], "responses": responses.uri})
     quality = quality_report(made["release"], storage.join(made["version"], "quality"), {"judge score": made["scores"]})
@@ -304,6 +351,13 @@ def build_alignment(cfg: Config, corpus: dict, out: str) -> dict:
     return {**made, "responses": responses.uri, "quality": {k: quality[k] for k in ("rows", "balance_variance")}}
 
 
+def closing(summary: dict) -> str:
+    """The job's last lines (after its JSON summary): the tables, the report, the runs."""
+    return (f"\n{summary['table']}\n[vlit report] {summary['report']}\n"
+            f"[vlit done] {len(summary['ran'])} stage steps ran, {len(summary['skipped'])} skipped, in "
+            f"{summary['seconds']} s. See the runs: {summary['mlflow_ui']}")
+
+
 def mlflow_ui_command(cfg: Config) -> str:
     import os
     import sys
@@ -311,7 +365,9 @@ def mlflow_ui_command(cfg: Config) -> str:
     # The mlflow beside this interpreter (the venv's), which a plain `mlflow` may not be.
     beside = os.path.join(os.path.dirname(sys.executable), "mlflow")
     mlflow = os.path.relpath(beside) if os.path.exists(beside) else "mlflow"
-    return f"{mlflow} ui --backend-store-uri {tracking_uri(cfg)} --host 127.0.0.1 --port 5000"
+    uri, experiment = lineage.experiment_id(cfg)
+    return (f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+            f"http://127.0.0.1:5000{lineage.ui_path(experiment)}")
 
 
 def run(cfg: Config) -> dict:

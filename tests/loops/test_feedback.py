@@ -119,6 +119,28 @@ def test_digest_names_the_pairs(released, tmp_path):
     assert build_pairs([str(released)], str(tmp_path / "c"))["digest"] != a["digest"]
 
 
+def test_a_judge_of_fewer_aspects_pairs_by_the_mean_of_those_it_rated(tmp_path):
+    """Ethics unrated (absent): pairs by helpfulness and faithfulness, ethics null in the
+    ratings; a response missing a rated aspect still makes no pair; all tied: no pair."""
+    rated = ASPECTS[:2]
+    row = {"id": "q", "prompt": "Count.", "img_path": None, "models": ["a", "b", "c"],
+           "completions": [completion("a", ["5", "4"]), completion("b", ["3", "3"]), completion("c", ["5"])]}
+    scores, pairs, ties, unparseable = pair_prompt([_response(c) for c in row["completions"]], rated)
+    assert scores[:2] == [4.5, 3] and pairs == [(0, 1)] and ties == [] and unparseable == [2]
+    assert pair_prompt([_response(c) for c in row["completions"]])[3] == [0, 1, 2]  # all three aspects asked
+    path = tmp_path / "two.jsonl"
+    tied = {**row, "id": "t", "completions": [completion("a", ["4", "4"]), completion("b", ["5", "3"])]}
+    path.write_text(json.dumps(row) + "\n" + json.dumps(tied) + "\n")
+    summary = build_pairs([str(path)], str(tmp_path / "pairs"), aspects=rated, provenance={"responses": "R"})
+    assert (summary["pairs"], summary["ties"], summary["unparseable"]) == (1, 1, 1)
+    (pair,) = pq.read_table(f"{summary['version']}/pairs.parquet").to_pylist()
+    assert pair["chosen_ratings"] == [5.0, 4.0, None] and pair["chosen_score"] == 4.5
+    manifest = PairsVersion.open(summary["version"]).manifest
+    assert manifest["aspects"] == list(rated) and manifest["responses"] == "R"
+    with pytest.raises(ValueError, match="each must be one of"):
+        build_pairs([str(path)], str(tmp_path / "pairs"), aspects=("Honesty",))
+
+
 def test_pairs_versions_are_content_addressed_and_reused(released, tmp_path):
     first = build_pairs([str(released)], str(tmp_path / "versions"))
     again = build_pairs([str(released)], str(tmp_path / "versions"))
@@ -145,3 +167,29 @@ def test_synthetic_feedback_prefers_the_true_answer(tmp_path):
     assert not any(p["rejected_model"] == "synth-truth" for p in pairs)
     truths = {r["id"]: next(c["response"] for c in r["completions"] if c["model"] == "synth-truth") for r in rows}
     assert all(p["chosen"] == truths[p["prompt_id"]] != p["rejected"] for p in truth)
+
+
+def test_responses_where_every_pair_ties_stop_the_dpo_stage_with_why(tmp_path):
+    """A responses version (as the align stage writes it) whose responses all tie: its pairs
+    version is built and kept, and the stage stops naming the counts and the exclusions."""
+    from vlit.config import FeedbackLoopConfig, load_config
+    from vlit.loops.feedback_loop import write_responses
+    from vlit.pipeline import pairs_stage
+    from vlit.train.loop import NoTrainingData
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    loop = FeedbackLoopConfig(generators=["tiny", "oracle"], judge="reference",
+                              aspects=["helpfulness", "visual_faithfulness"])
+    rows = [{"id": f"p{i}", "prompt": "Count.", "img_path": str(tmp_path / "a.png"), "task": "t",
+             "models": ["tiny", "oracle"],
+             "completions": [completion("tiny", ["4", "2"]), completion("oracle", ["3", "3"])]} for i in range(3)]
+    responses = write_responses(rows, str(tmp_path / "responses"), loop, corpus=str(tmp_path / "corpus"))
+    assert responses.manifest["sources"] == [str(tmp_path / "corpus")]
+    cfg = load_config("configs/demo.yaml", [f"dpo.pairs_out={tmp_path / 'pairs'}"])
+    with pytest.raises(NoTrainingData, match=r"has no pair: 3 prompts, 3 ties, 0 responses .*excluded\.parquet"):
+        pairs_stage(cfg, responses.uri)
+    # The same tie, with ethics rated too and lower for tiny's: one pair per prompt.
+    for row in rows:
+        row["completions"] = [completion("tiny", ["4", "2", "1"]), completion("oracle", ["3", "3", "3"])]
+    again = write_responses(rows, str(tmp_path / "responses"), FeedbackLoopConfig(generators=["tiny", "oracle"], judge="reference"))
+    assert pairs_stage(cfg, again.uri).rows == 3

@@ -30,6 +30,7 @@ from vlit.corpus.images import ImageChecker, StoreReadError
 from vlit.corpus.jsonstream import Chunk, ChunkReader, JSONStreamError
 from vlit.corpus.schema import CORPUS_SCHEMA, SCHEMA_VERSION
 from vlit.digest import TableDigest
+from vlit.progress import Progress
 from vlit.versions import QUARANTINE_SCHEMA, CorpusVersion
 
 SOURCE_SUFFIXES = (".json", ".jsonl")
@@ -271,6 +272,7 @@ def prepare_corpus(cfg: PrepareConfig, out: str) -> dict:
     sources = expand_sources(cfg.sources)
     with versions.staging(out) as stage:
         run = _Run(cfg, stage.uri)
+        progress = Progress("prepare", unit="rows")  # the sources stream: their row count is unknown up front
         try:
             for source in sources:
                 root = storage.normalize(cfg.image_root) if cfg.image_root else storage.parent(source)
@@ -282,11 +284,13 @@ def prepare_corpus(cfg: PrepareConfig, out: str) -> dict:
                             reader.reject()  # a wrong fast split: redo this chunk exactly
                             continue
                         run.add(chunk, table, source, root)
+                        progress.update(run.rows - progress.done)
         except (JSONStreamError, StoreReadError) as e:
             again = " Nothing was published; run prepare again." if isinstance(e, StoreReadError) else ""
             raise PrepareError(f"{e}{again}") from None
         finally:
             run.close()
+            progress.close()
 
         quarantine = _write_quarantine(run, stage.file(versions.QUARANTINE))
         run.digest.update(quarantine.rename_columns([f"quarantine.{n}" for n in quarantine.schema.names]))

@@ -59,6 +59,13 @@ def row_uniform(keys, seed: int, epoch: int, purpose: str) -> np.ndarray:
     return (row_hash(keys, seed, epoch, purpose) >> np.uint64(11)) * (1.0 / (1 << 53))
 
 
+def held_out(keys, fraction: float, seed: int) -> np.ndarray:
+    """True for the rows whose key hashes below `fraction` (eval.holdout): the same rows
+    whatever the epoch, block or worker, so the stream drops exactly the rows that
+    evaluation scores (vlit/evaluate/holdout.py)."""
+    return row_uniform(keys, seed, 0, "holdout") < fraction
+
+
 def _water_fill(target: np.ndarray, cap: float) -> np.ndarray:
     """Clip targets at `cap` and hand the excess to the unclipped tasks in proportion.
 

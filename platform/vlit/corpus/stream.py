@@ -28,7 +28,7 @@ from ray.data.extensions import ArrowTensorArray
 from vlit import storage
 from vlit.config import CorpusConfig
 from vlit.corpus.images import decode_image, read_image_bytes
-from vlit.corpus.sampling import SamplingPlan
+from vlit.corpus.sampling import SamplingPlan, held_out
 from vlit.corpus.tasks import TemplateSet, load_templates
 from vlit.versions import QUARANTINE_SCHEMA
 
@@ -51,12 +51,15 @@ def load_pixels(data: bytes, size: int) -> np.ndarray:
 
 
 class _SampleAndRender:
-    """Per block: task-balanced sampling, then instruction templates."""
+    """Per block: held-out rows out, task-balanced sampling, then instruction templates."""
 
-    def __init__(self, plan: SamplingPlan, templates: TemplateSet | None, seed: int, epoch: int):
+    def __init__(self, plan: SamplingPlan, templates: TemplateSet | None, seed: int, epoch: int, holdout=None):
         self.plan, self.templates, self.seed, self.epoch = plan, templates, seed, epoch
+        self.holdout = holdout
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.holdout is not None:
+            table = table.filter(pa.array(~held_out(table["key"], self.holdout.fraction, self.holdout.seed)))
         table = self.plan.apply(table, self.seed, self.epoch)
         if self.templates is not None:
             table = self.templates.render(table, self.seed, self.epoch)
@@ -169,14 +172,15 @@ def _is_stateful(transform) -> bool:
     )
 
 
-def build_stream(version, cfg: CorpusConfig, epoch: int = 0, transform=None) -> ray.data.Dataset:
+def build_stream(version, cfg: CorpusConfig, epoch: int = 0, transform=None, holdout=None) -> ray.data.Dataset:
     """The lazily executed training stream of one epoch of `version`.
 
     Rows carry the canonical columns plus `replica` (copy number of an upsampled row),
     `pixels` (uint8, image_size x image_size x 3; zeros for text-only rows) and
     `has_image`. `transform`, a callable or a callable class (or a `functools.partial`
     of one, to pass constructor arguments) taking and returning a dict of numpy arrays,
-    runs on each batch after decoding. Ray must be initialized.
+    runs on each batch after decoding. `holdout` (eval.holdout) leaves out the rows that
+    evaluation scores. Ray must be initialized.
     """
     tasks, stream = cfg.tasks, cfg.stream
     plan = SamplingPlan.build(version.task_counts, cap=tasks.cap, temperature=tasks.temperature)
@@ -197,7 +201,8 @@ def build_stream(version, cfg: CorpusConfig, epoch: int = 0, transform=None) -> 
         kwargs = {"compute": ray.data.TaskPoolStrategy(size=stream.decode_concurrency)}
     return (
         ray.data.read_parquet(paths, filesystem=fs)
-        .map_batches(_SampleAndRender(plan, templates, tasks.seed, epoch), batch_format="pyarrow", batch_size=None)
+        .map_batches(_SampleAndRender(plan, templates, tasks.seed, epoch, holdout), batch_format="pyarrow",
+                     batch_size=None)
         # A shard is one file of up to 200k rows: without this, one decode task would
         # get the whole file and the other workers nothing.
         .repartition(target_num_rows_per_block=stream.block_rows)

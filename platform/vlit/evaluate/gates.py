@@ -1,8 +1,9 @@
 """Promotion gates: a stage's model is promoted only when its metrics pass thresholds.
 
-`eval.gates` maps a metric name to its lower bound: `{"mme.acc": 0.6,
-"pope.adversarial.f1": 0.5, "forgetting.min_delta": -0.05}` (every gate is "at least";
-forgetting is bounded through its worst delta, a negative number). A gate on a metric
+`eval.gates` maps a metric name to its lower bound: `{"mme.perception": 1200,
+"pope.adversarial.f1": 0.8, "mmbench.accuracy": 0.6, "synthetic.forgetting.min_delta":
+-0.05}` (every gate is "at least"; forgetting is bounded through its worst delta, a
+negative number). A gate on a metric
 that was not measured fails: a misspelt name or a suite left out must not pass silently.
 """
 from __future__ import annotations

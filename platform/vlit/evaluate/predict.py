@@ -29,6 +29,7 @@ from vlit.config import LossConfig, ModelConfig
 from vlit.corpus.images import decode_image
 from vlit.model.families import RopeIndex, pixels
 from vlit.model.labels import IGNORE, encode_row
+from vlit.progress import Progress
 
 
 class PredictError(ValueError):
@@ -119,6 +120,7 @@ class ChoiceScorer:
         """Per row, per choice: log P(choice) (log-sum over its surface forms). Rows need
         key, prompt and choices (a list of surface-form lists); `images` decoded RGB."""
         out = []
+        progress = Progress("eval", len(rows), "questions")
         for lo in range(0, len(rows), self.batch_size):
             chunk = rows[lo:lo + self.batch_size]
             px = pixels(self.processor, images[lo:lo + self.batch_size])
@@ -142,6 +144,8 @@ class ChoiceScorer:
                     choices.append(float(torch.logsumexp(torch.tensor(scores[k:k + len(choice)]), 0)))
                     k += len(choice)
                 out.append(choices)
+            progress.update(len(chunk))
+        progress.close()
         return out
 
     def predict(self, rows: list[dict], image_root: str) -> list[str]:

@@ -4,8 +4,9 @@ A prediction row is a dict with `task`, `group`, `answer` and `prediction` (and 
 named in errors). Predictions are normalized labels: "yes" / "no" for yes/no questions,
 an option letter for multiple choice, a class name for classification; anything a
 parser could not map is "other" and counts as wrong. They come from likelihood scoring
-(`predict.py`) or from generated text through `parse_yes_no` / `parse_choice`, so the
-same scorers serve a tiny model on CPU and a served 13B model.
+(`predict.py`), or for the released benchmarks from text through the benchmark's own
+parser (`reference.py`), so the same scorers serve a tiny model on CPU and a served 13B
+model.
 
 - `mme_scores`: MME. Each image (`group`) has one question whose answer is yes and one
   whose answer is no, per task. acc = right questions / questions; acc+ = images with
@@ -23,7 +24,6 @@ same scorers serve a tiny model on CPU and a served 13B model.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from typing import Iterable
 
@@ -33,49 +33,6 @@ YES, NO = "yes", "no"
 
 class ScoreError(ValueError):
     """Predictions a scorer cannot score; the message names the row."""
-
-
-# ---------------------------------------------------------------- parsing generated text
-
-def parse_yes_no(text: str) -> str:
-    """Generated text -> "yes" | "no" | "other".
-
-    MME's rule first: the whole answer, lowercased and without periods, is "yes" or "no",
-    else its first four characters contain "yes" or "no". Then POPE's reading of the
-    first sentence: a negation word ("no", "not") means no. Unlike POPE, an answer with
-    neither "yes" nor a negation stays "other" instead of counting as yes, so a model
-    that rambles is not credited with the yes-ratio of a yes-sayer.
-    """
-    answer = text.strip().lower().replace(".", "")
-    if answer in (YES, NO):
-        return answer
-    if YES in answer[:4]:
-        return YES
-    if NO in answer[:4]:
-        return NO
-    first = re.split(r"[.!?\n]", text.strip().lower(), maxsplit=1)[0]
-    words = set(re.findall(r"[a-z']+", first))
-    if words & {"no", "not", "isn't", "aren't", "cannot", "can't"}:
-        return NO
-    return YES if YES in words else OTHER
-
-
-def parse_choice(text: str, options: dict[str, str]) -> str:
-    """Generated text -> an option letter of `options` (letter -> option text) or "other".
-
-    MMBench-style extraction: "(b)", then a leading "B", "B." or "b)", then the text of
-    exactly one option appearing in the answer.
-    """
-    low = text.strip().lower()
-    letters = "".join(sorted(options))
-    m = re.search(rf"\(([{letters}])\)", low)
-    if m:
-        return m.group(1)
-    m = re.match(rf"([{letters}])(?:$|[).:,\s])", low)
-    if m:
-        return m.group(1)
-    named = [k for k, v in options.items() if re.search(rf"\b{re.escape(v.lower())}\b", low)]
-    return named[0] if len(named) == 1 else OTHER
 
 
 # ---------------------------------------------------------------- scorers

@@ -281,6 +281,13 @@ def build_eval_set(suite: str, spec: EvalSpec, out: str) -> EvalSet:
     """The suite's version OUT/<suite>-<digest>/, written once: an existing finished
     version with the same digest is reused."""
     table, images = suite_rows(suite, spec)
+    return publish_eval_set(suite, table, images, out, {"spec": asdict(spec)})
+
+
+def publish_eval_set(suite: str, table: pa.Table, images: dict[str, bytes], out: str, extra: dict) -> EvalSet:
+    """OUT/<suite>-<digest>/ holding `table` and `images` (relative path -> bytes), or the
+    finished version of that digest; `extra` goes into the manifest (what it was made from).
+    The one writer of evaluation sets, synthetic and released."""
     digest = TableDigest({"kind": "vlit-eval", "schema_version": SCHEMA_VERSION, "suite": suite})
     digest.update(table)
     name = f"{suite}-{digest.hexdigest()}"
@@ -294,4 +301,4 @@ def build_eval_set(suite: str, spec: EvalSpec, out: str) -> EvalSet:
         tasks = Counter(table.column("task").to_pylist())
         return stage.publish(name, "eval-set", {
             "suite": suite, "digest": digest.hexdigest(), "schema_version": SCHEMA_VERSION, "rows": table.num_rows,
-            "images": len(images), "tasks": dict(sorted(tasks.items())), "spec": asdict(spec)}, EvalSet)
+            "images": len(images), "tasks": dict(sorted(tasks.items())), **extra}, EvalSet)

@@ -2,7 +2,9 @@
 
 The rule, as the released VLFeedback recipe builds pairs: the responses to one prompt
 (image + instruction) are rated by a judge on three aspects (`RELEASE_ASPECTS`); every two
-responses make a pair, the one with the higher mean rating chosen. Equal means are a tie
+responses make a pair, the one with the higher mean rating chosen. A judge configured
+for fewer aspects (vlit's reference judge rates no ethics) makes pairs by the mean of the
+aspects it rated: `build_pairs(aspects=...)`; an unrated aspect is null in the ratings. Equal means are a tie
 and make no pair; a response with a rating that is not a number (or is missing) takes
 part in no pair. Means are compared exactly (ratings parse as fractions), so "4" and
 "4.0" tie and no float rounding invents an order. Ties and excluded responses are
@@ -116,22 +118,27 @@ def parse_rating(value) -> Fraction | None:
         return None
 
 
-def _unparseable(response: Response) -> str | None:
+def _unparseable(response: Response, aspects: tuple[str, ...] = RELEASE_ASPECTS) -> str | None:
     """Why a response takes part in no pair, or None."""
     if not isinstance(response.text, str):
         return "no response text"
-    bad = [f"{a}: {r!r}" for a, r in zip(RELEASE_ASPECTS, response.ratings) if parse_rating(r) is None]
+    bad = [f"{a}: {r!r}" for a, r in zip(RELEASE_ASPECTS, response.ratings)
+           if a in aspects and parse_rating(r) is None]
     return f"non-numeric rating ({'; '.join(bad)})" if bad else None
 
 
-def pair_prompt(responses: list[Response]):
-    """The pair rule for one prompt's responses.
+def _rated(response: Response, aspects: tuple[str, ...]) -> list:
+    return [r for a, r in zip(RELEASE_ASPECTS, response.ratings) if a in aspects]
+
+
+def pair_prompt(responses: list[Response], aspects: tuple[str, ...] = RELEASE_ASPECTS):
+    """The pair rule for one prompt's responses, over the judge's `aspects` (release names).
 
     Returns (scores, pairs, ties, unparseable): the mean rating of each response (None
     when excluded), (chosen, rejected) index pairs, tied (i, j) index pairs, and the
     indices of excluded responses. Pairs and ties come in the order i < j of the input.
     """
-    scores = [None if _unparseable(r) else sum(parse_rating(x) for x in r.ratings) / len(RELEASE_ASPECTS)
+    scores = [None if _unparseable(r, aspects) else sum(parse_rating(x) for x in _rated(r, aspects)) / len(aspects)
               for r in responses]
     pairs, ties = [], []
     for i, j in itertools.combinations([i for i, s in enumerate(scores) if s is not None], 2):
@@ -179,8 +186,8 @@ class _Writer:
     """Builds one pairs version into `out`: rows to Parquet in bounded batches, counts,
     the digest of the pairs table."""
 
-    def __init__(self, out: str, judge: str, image_threads: int):
-        self.out, self.judge = out, judge
+    def __init__(self, out: str, judge: str, image_threads: int, aspects: tuple[str, ...]):
+        self.out, self.judge, self.aspects = out, judge, aspects
         self.images = ImageChecker("exists", image_threads)
         self.digest = TableDigest({"kind": "vlfeedback-pairs", "schema_version": SCHEMA_VERSION})
         self.pending: list[tuple] = []  # (row, image uri, source, position, line)
@@ -229,7 +236,7 @@ class _Writer:
 
     def _pair(self, row: dict, image: str | None, source: str, position: int) -> None:
         responses = [_response(c) for c in row["completions"]]
-        scores, pairs, ties, unparseable = pair_prompt(responses)
+        scores, pairs, ties, unparseable = pair_prompt(responses, self.aspects)
         pid = str(row["id"])
         self.counts["prompts"] += 1
         self.counts["pairs"] += len(pairs)
@@ -242,7 +249,8 @@ class _Writer:
         def side(name: str, i: int) -> dict:
             r = responses[i]
             return {name: r.text, f"{name}_model": r.model, f"{name}_score": float(scores[i]),
-                    f"{name}_ratings": [float(parse_rating(x)) for x in r.ratings],
+                    f"{name}_ratings": [float(parse_rating(x)) if a in self.aspects else None
+                                        for a, x in zip(RELEASE_ASPECTS, r.ratings)],
                     f"{name}_rationales": [None if x is None else str(x) for x in r.rationales]}
 
         for c, r in pairs:
@@ -257,9 +265,9 @@ class _Writer:
             self.excluded.append({"reason": "unparseable_rating", "prompt_id": pid, "index": i,
                                   "model": responses[i].model, "other_index": None, "other_model": None,
                                   "score": None, "ratings": [None if x is None else str(x) for x in responses[i].ratings],
-                                  "detail": _unparseable(responses[i]), **where})
+                                  "detail": _unparseable(responses[i], self.aspects), **where})
 
-    def close(self, sources: list[str]) -> tuple[dict, dict]:
+    def close(self, sources: list[str], provenance: dict) -> tuple[dict, dict]:
         """Write the remaining files; return (summary, manifest). The caller writes the manifest."""
         self.flush()
         self.pair_file.close()
@@ -268,22 +276,29 @@ class _Writer:
             versions.write_parquet(storage.join(self.out, name), pa.Table.from_pylist(rows, schema=schema))
         self.counts["quarantined"] = len(self.quarantine)
         summary = {"digest": self.digest.hexdigest(), **self.counts, "judge": self.judge, "sources": sources,
+                   "aspects": list(self.aspects), **provenance,
                    "completions_per_prompt": {str(k): v for k, v in sorted(self.completions.items())},
                    "quarantine_reasons": dict(sorted(Counter(r["reason"] for r in self.quarantine).items()))}
         storage.write_json(storage.join(self.out, versions.SUMMARY), summary)
         manifest = {"digest": summary["digest"], "rows": self.counts["pairs"], "prompts": self.counts["prompts"],
-                    "schema_version": SCHEMA_VERSION, "aspects": list(RELEASE_ASPECTS), "judge": self.judge,
-                    "sources": sources}
+                    "schema_version": SCHEMA_VERSION, "aspects": list(self.aspects), "judge": self.judge,
+                    "sources": sources, **provenance}
         return summary, manifest
 
 
 def build_pairs(sources: list[str], root: str, image_root: str | None = None, judge: str = RELEASE_JUDGE,
-                image_threads: int = 16) -> dict:
+                image_threads: int = 16, aspects: tuple[str, ...] = RELEASE_ASPECTS,
+                provenance: dict | None = None) -> dict:
     """VLFeedback-format JSONL (files or folders) -> the pairs version ROOT/<digest>/; its
     summary, with `version` and `reused` (the same input finds the finished version).
 
     Relative `img_path`s resolve against `image_root`, else each source file's folder.
+    `aspects` (release names) are those the judge rated; `provenance` (e.g. the responses
+    version, its generators) goes into the manifest and summary as it is.
     """
+    unknown = [a for a in aspects if a not in RELEASE_ASPECTS]
+    if unknown or not aspects:
+        raise FeedbackError(f"aspects {list(aspects)}: each must be one of {list(RELEASE_ASPECTS)}")
     files = []
     for src in sources:
         try:
@@ -293,13 +308,13 @@ def build_pairs(sources: list[str], root: str, image_root: str | None = None, ju
     if not files:
         raise FeedbackError(f"no .jsonl files under {', '.join(sources)}")
     with versions.staging(root) as stage:
-        writer = _Writer(stage.uri, judge, image_threads)
+        writer = _Writer(stage.uri, judge, image_threads, tuple(aspects))
         for source in files:
             folder = storage.normalize(image_root) if image_root else storage.parent(source)
             with storage.open_input(source) as raw:
                 for position, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8")):
                     if line.strip():
                         writer.add(line, source, position, folder)
-        summary, manifest = writer.close(files)
+        summary, manifest = writer.close(files, provenance or {})
         version = stage.publish(summary["digest"], "vlfeedback-pairs", manifest, PairsVersion)
     return {**summary, "version": version.uri, "reused": version.reused}

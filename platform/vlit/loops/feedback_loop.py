@@ -83,10 +83,11 @@ def feedback_rows(prompts: list[Prompt], cfg: FeedbackLoopConfig, app_name: str 
     return rows, {"generation_errors": errors, "responses": sum(len(r) for r in responses)}
 
 
-def write_responses(rows: list[dict], root: str, cfg: FeedbackLoopConfig) -> ResponsesVersion:
+def write_responses(rows: list[dict], root: str, cfg: FeedbackLoopConfig, corpus: str | None = None) -> ResponsesVersion:
     """The rows as released-format JSONL, image paths relative to their deepest common
     folder: the responses version ROOT/<digest>/ (digest: of the JSONL's bytes), whose
-    manifest names that image root and the generators and judge that made it."""
+    manifest names that image root, the generators and judge that made it, and the corpus
+    version the prompts came from (its `sources`, which lineage follows)."""
     image_root = storage.common_parent([r["img_path"] for r in rows if r["img_path"]])
     rows = [{**r, "img_path": r["img_path"][len(image_root) + 1:] if r["img_path"] else None} for r in rows]
     data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
@@ -96,19 +97,29 @@ def write_responses(rows: list[dict], root: str, cfg: FeedbackLoopConfig) -> Res
         return stage.publish(digest, "feedback-responses", {
             "digest": digest, "rows": len(rows), "responses": sum(len(r["completions"]) for r in rows),
             "image_root": image_root, "generators": list(cfg.generators), "judge": cfg.judge or "default-judge",
-            "aspects": list(cfg.aspects)}, ResponsesVersion)
+            "aspects": list(cfg.aspects), "sources": [corpus] if corpus else []}, ResponsesVersion)
 
 
-def feedback_pairs(cfg: FeedbackLoopConfig, corpus_version: str, out_root: str, app_name: str = "vlit") -> dict:
-    """The VLFeedback loop on `cfg.prompts` prompts of a corpus version: a responses version
+def pairs_from_responses(responses: ResponsesVersion, root: str) -> dict:
+    """The pairs version (ROOT/<digest>/) of a responses version by the VLFeedback rule over
+    the aspects its judge rated; the manifest names the responses version, its judge and
+    generators. Returns build_pairs' summary."""
+    m = responses.manifest
+    return build_pairs([responses.file(ResponsesVersion.TABLE)], root, image_root=m["image_root"],
+                       judge=m["judge"], aspects=tuple(ASPECT_NAMES[a] for a in m["aspects"]),
+                       provenance={"responses": responses.uri, "generators": m["generators"]})
+
+
+def feedback_pairs(cfg: FeedbackLoopConfig, corpus_version: str, out_root: str, app_name: str = "vlit",
+                   holdout=None) -> dict:
+    """The VLFeedback loop on `cfg.prompts` prompts of a corpus version (none of `holdout`'s
+    rows, which evaluation scores): a responses version
     under OUT_ROOT/responses/ and its pairs version under OUT_ROOT/pairs/. Returns the pairs
     version's summary plus `responses` (their count), `responses_file` (the JSONL in the
     responses version `responses_version`) and `generation_errors`."""
-    prompts = corpus_prompts(corpus_version, cfg.prompts, cfg.seed)
+    prompts = corpus_prompts(corpus_version, cfg.prompts, cfg.seed, holdout=holdout)
     rows, counts = feedback_rows(prompts, cfg, app_name)
-    responses = write_responses(rows, storage.join(out_root, "responses"), cfg)
-    jsonl = responses.file(ResponsesVersion.TABLE)
-    summary = build_pairs([jsonl], storage.join(out_root, "pairs"), image_root=responses.manifest["image_root"],
-                          judge=responses.manifest["judge"])
-    return {**summary, "responses_file": jsonl, "responses_version": responses.uri,
+    responses = write_responses(rows, storage.join(out_root, "responses"), cfg, corpus_version)
+    summary = pairs_from_responses(responses, storage.join(out_root, "pairs"))
+    return {**summary, "responses_file": responses.file(ResponsesVersion.TABLE), "responses_version": responses.uri,
             "generation_errors": counts["generation_errors"], "responses": counts["responses"]}

@@ -70,6 +70,7 @@ def run_loop(cfg: Config, loop: str, *, corpus: str | None = None, sources: list
     from vlit.runtime import init_ray
 
     loops, app = cfg.loops, cfg.serve.app_name
+    holdout = cfg.eval.holdout if cfg.eval else None  # rows evaluation scores: never a prompt
     out = storage.join(loops.out, loop)
 
     def need(value, flag: str):
@@ -92,10 +93,10 @@ def run_loop(cfg: Config, loop: str, *, corpus: str | None = None, sources: list
     with serving(cfg, needed=loop != "qc" or loops.quality.judge is not None, attach=attach):
         if loop == "feedback":
             from vlit.loops.feedback_loop import feedback_pairs
-            return feedback_pairs(loops.feedback, corpus, out, app_name=app)
+            return feedback_pairs(loops.feedback, corpus, out, app_name=app, holdout=holdout)
         if loop == "vigc":
             from vlit.loops.vigc import vigc_dataset
-            return vigc_dataset(loops.vigc, corpus, out, app_name=app)
+            return vigc_dataset(loops.vigc, corpus, out, app_name=app, holdout=holdout)
         if loop == "self-instruct":
             from vlit.loops.self_instruct import self_instruct, synth_annotations
             n = loops.self_instruct.images

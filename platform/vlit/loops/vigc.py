@@ -154,9 +154,11 @@ def generate(prompts: list[Prompt], cfg: VIGCConfig, app_name: str = "vlit") -> 
     return [r for r in rows if r["vic_stop"] != "error"], quarantine
 
 
-def vigc_dataset(cfg: VIGCConfig, corpus_version: str, out_root: str, app_name: str = "vlit") -> dict:
-    """VIGC on `cfg.images` images of a corpus version -> a versioned dataset under OUT_ROOT."""
-    prompts = corpus_prompts(corpus_version, cfg.images, cfg.seed)
+def vigc_dataset(cfg: VIGCConfig, corpus_version: str, out_root: str, app_name: str = "vlit",
+                 holdout=None) -> dict:
+    """VIGC on `cfg.images` images of a corpus version (none of `holdout`'s rows) -> a
+    versioned dataset under OUT_ROOT."""
+    prompts = corpus_prompts(corpus_version, cfg.images, cfg.seed, holdout=holdout)
     rows, quarantine = generate(prompts, cfg, app_name)
     rows.sort(key=lambda r: r["id"])
     return publish_rows(out_root, "vigc", rows, quarantine, cfg.model_dump(mode="json"))

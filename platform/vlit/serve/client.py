@@ -28,6 +28,7 @@ import ray.data
 from ray import serve
 
 from vlit import retry
+from vlit.progress import track
 from vlit.serve.protocol import RequestError
 
 RETRYABLE_STATUS = {500, 502, 503, 504}
@@ -127,7 +128,7 @@ def serve_calls(requests: list[dict], *, method: str, app_name: str = "vlit", ba
     ds = map_requests(ray.data.from_items(items), method=method, app_name=app_name, request_column="request",
                       batch_size=batch_size, timeout_s=timeout_s)
     out: list[tuple[dict | None, str | None]] = [(None, "no answer")] * len(requests)
-    for row in ds.take_all():
+    for row in track(ds.iter_rows(), method, len(requests), "requests"):
         result = json.loads(row["result"]) if row["result"] else None
         out[row["idx"]] = (result, None if result is not None else f"{row['status']}: {row['error']}")
     return out

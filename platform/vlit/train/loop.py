@@ -32,6 +32,7 @@ from vlit import lineage, storage
 from vlit.config import Config
 from vlit.model.build import initial_model
 from vlit.model.parts import export_trained, trainable_model
+from vlit.progress import Progress
 from vlit.train.strategy import DeepSpeedStrategy, consolidated_state_dict, deepspeed_config
 
 # Ray Train's controller takes one report per worker per poll (every
@@ -193,6 +194,11 @@ def worker(config: dict) -> None:
     step = state.get("step", 0)
     step_fn.load_state(state)
     logger = lineage.StepLogger(config["mlflow"]) if strategy.rank == 0 else None
+    # Rank 0 only: one progress line per interval for the stage, not one per worker.
+    # Packed SFT makes fewer steps than its rows-based total (sft.run_sft): shown as a bound.
+    bound = step_fn.name == "sft" and train.packing and not train.max_steps
+    progress = Progress(step_fn.name, config["total_steps"], "steps", done=step, bound=bound) \
+        if strategy.rank == 0 else None
     meter = Meter(step_fn.fields, strategy.device)
     metrics, saved = None, step
     collate_fn = step_fn.collate(torch.bfloat16 if strategy.bf16 else torch.float32)
@@ -215,6 +221,7 @@ def worker(config: dict) -> None:
             logger.log(metrics, step)
             if due:
                 logger.flush()
+            progress.update(1, loss=metrics.get("loss", float("nan")), **{"tokens/s": metrics.get("tokens_per_s", 0.0)})
         if step % train.checkpoint_every == 0:
             save_and_report(strategy, step_fn.checkpoint_metrics(metrics), step, step_fn.state())
             saved = step
@@ -224,6 +231,7 @@ def worker(config: dict) -> None:
         save_and_report(strategy, step_fn.checkpoint_metrics(metrics), step, step_fn.state())
     if logger:
         logger.close()
+        progress.close()
 
 
 def torch_trainer(cfg: Config, loop_config: dict, dataset):
@@ -239,7 +247,8 @@ def torch_trainer(cfg: Config, loop_config: dict, dataset):
     return TorchTrainer(
         worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=train.resources_per_worker),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage.join(train.output, "ray"),

@@ -114,7 +114,8 @@ def sft_stream(cfg: Config, version):
     templates = template_text(version, cfg.loss) if cfg.loss.target == "l2t" else None
     transform = functools.partial(SFTTransform, cfg.model, cfg.loss, cfg.train, template_text=templates,
                                   quarantine=quarantine_uri(version, corpus), epoch=0)
-    dataset = build_stream(version, corpus, epoch=0, transform=transform)
+    holdout = cfg.eval.holdout if cfg.eval else None  # rows evaluation scores never train
+    dataset = build_stream(version, corpus, epoch=0, transform=transform, holdout=holdout)
     if cfg.train.materialize:
         # In the streaming order, so a materialized run trains on the same batches.
         dataset.context.execution_options.preserve_order = True

@@ -150,4 +150,7 @@ def consolidated_state_dict(checkpoint_dir: str, zero_stage: int) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    from vlit.runtime import quiet_prints
+
+    with quiet_prints():  # four lines per export on what it parsed and rebuilt
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
