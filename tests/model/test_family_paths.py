@@ -91,7 +91,9 @@ def test_family_generates_judges_and_scores_choices(family):
             logp = torch.log_softmax(logits[0].float(), -1)
             plain.append(sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(form.tolist())))
     yes = float(torch.logsumexp(torch.tensor(plain[:2]), 0))
-    assert np.allclose(packed[0], [yes, plain[2]], atol=1e-4) and packed[0] == packed[2]
+    # Rows 0 and 2 ask the same in batches of other shapes (2 rows, then 1): equal to float
+    # rounding of differently shaped kernels, not bit for bit (a 1e-6 difference was seen).
+    assert np.allclose(packed[0], [yes, plain[2]], atol=1e-4) and np.allclose(packed[0], packed[2], atol=1e-5)
 
 
 def test_dpo_pairs_share_one_image_encoding(family):

@@ -180,7 +180,9 @@ def check_no_row_lost_or_duplicated(out: dict) -> list[dict]:
 
 @pytest.mark.timeout(600)
 def test_generator_replica_killed_mid_job_loses_and_duplicates_no_row(app):
-    n = 240
+    # Enough rows that the job outlasts the killer's settle time on a quiet machine too
+    # (240 finished before any replica held MIN_ONGOING requests on one CI run).
+    n = 480
     requests = [{"model": "tiny", "max_tokens": 16, "temperature": 0.0,
                  "messages": [{"role": "user", "content": f"Prompt {i:04d}: describe a red square."}]}
                 for i in range(n)]
