@@ -169,7 +169,8 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for part in parts:
         fs, path = storage.filesystem(part)
-        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        # A small part's ranged GET answered by a 503 is the SDK's unretried case (storage.py).
+        tables.append(storage.retrying(pq.read_table, path, filesystem=fs, columns=columns))
     if not tables:
         raise FileNotFoundError(f"no Parquet data at {uri}")
     return pa.concat_tables(tables)
