@@ -355,6 +355,11 @@ class DPOConfig(_Strict):
     reference_batch_size: int = Field(default=8, ge=1)  # pairs per forward of the caching pass
     stream: StreamConfig = Field(default_factory=StreamConfig)  # image decode of the pairs
 
+    @property
+    def from_responses(self) -> bool:
+        """No pairs source of its own: the two-stage job's align-stage responses."""
+        return not (self.pairs or self.feedback or self.synth)
+
     @model_validator(mode="after")
     def _one_source_of_pairs(self) -> "DPOConfig":
         given = [k for k, v in (("pairs", self.pairs), ("feedback", self.feedback), ("synth", self.synth)) if v]
@@ -735,8 +740,7 @@ class Config(_Strict):
     def _dpo_pairs_from_align(self) -> "Config":
         # With no pairs source of its own, DPO takes the align stage's judged responses.
         dpo, stages = self.dpo, self.pipeline.stages if self.pipeline else []
-        if dpo is not None and not (dpo.pairs or dpo.feedback or dpo.synth) and "dpo" in stages \
-                and "align" not in stages:
+        if dpo is not None and dpo.from_responses and "dpo" in stages and "align" not in stages:
             raise ValueError("dpo: no dpo.pairs, dpo.feedback or dpo.synth, so its pairs come from the align "
                              "stage's judged responses; add align to pipeline.stages or set one of them")
         return self

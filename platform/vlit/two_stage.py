@@ -228,7 +228,7 @@ class TwoStageJob:
     def pairs(self) -> dict:
         cfg, align = stage_config(self.cfg, "dpo"), self.done.get("align")
         responses = align.get("responses") if align else None
-        if align and not responses and not (cfg.dpo.pairs or cfg.dpo.feedback or cfg.dpo.synth):
+        if align and not responses and cfg.dpo.from_responses:
             raise ConfigError(f"the align stage's record {self.ledger.stage_dir('align', align['key'])} predates "
                               "kept responses versions: remove its ledger entry to run align again for DPO's pairs")
         pairs = pairs_stage(cfg, responses)
