@@ -151,6 +151,9 @@ HARMLESS = (
     # transformers' bars loading or writing weights in workers (the driver turns them off):
     # vlit's progress reports the steps.
     r"(Loading weights|Loading checkpoint shards|Writing model shards): +\d+%\|",
+    # Ray Train's note on each worker's checkpoint upload: the stage's record and its MLflow
+    # run say which checkpoints exist; a resume prints the one it takes.
+    r"Checkpoint successfully created at: Checkpoint\(",
     # Blank lines workers print between their lines.
     r"^\s*$",
 )

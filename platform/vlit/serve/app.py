@@ -259,7 +259,15 @@ def start(cfg: ServeConfig) -> DeploymentHandle:
     cfg = cfg.model_copy(update={"images": cfg.images.model_copy(
         update={"uri_roots": [storage.normalize(r) for r in cfg.images.uri_roots]})})
     serve.start(http_options=http_options(cfg))
-    return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    from ray.serve.schema import LoggingConfig
+
+    from vlit.runtime import is_verbose
+
+    # A line per request and per replica call (3,200 in a demo) says nothing the results
+    # and vlit's progress do not; warnings and errors still show, all of it with --verbose.
+    quiet = LoggingConfig(log_level="DEBUG", enable_access_log=True) if is_verbose() else \
+        LoggingConfig(log_level="WARNING", enable_access_log=False)
+    return serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, logging_config=quiet)
 
 
 def deploy_config(cfg: Config) -> dict:
